@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the project with its test extras into .venv and runs the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[test]'
+# Eight host devices so the sharding tests exercise a real mesh on this CPU.
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
+set +e
+.venv/bin/python -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "launch/test.sh: pytest collected no tests; that is a failure" >&2
+  exit 1
+fi
+exit "$rc"
