@@ -1,0 +1,152 @@
+"""Benchmark of the production ridge solver (ridge.solve) on the paper's trace sizes.
+
+Synthetic traces follow the paper's protocol (§5): 20 fit runs, each a random subset of the
+train pool, reshuffled every epoch, batch size 4:
+  few-shot:  64 of 100 pool examples × 4 epochs   ->  64 steps/run, S = 1,280
+  many-shot: 1,024 of 1,536 examples × 1.5 epochs -> 384 steps/run, S = 7,680
+Losses follow a planted Simfluence-Linear process (Eq. 1) plus Gaussian process noise.
+
+Reports (last line, JSON): the median wall time of `ridge.solve` after a warm-up compile,
+a per-example numpy baseline (dense X, float64 normal equations) timed on a sample and
+extrapolated to seconds per simulator, and the production error vs those float64 solves
+(max |Δ| over the sample, relative to the sample's max |parameter|).
+
+  python -m benchmarks.fit_bench --size=few-shot [--m=10000] [--lam=0.1] [--repeats=5]
+(from the repository root; or PYTHONPATH=. python benchmarks/fit_bench.py ...)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+from simfluence_jax import design
+from simfluence_jax import ridge
+
+SIZES = {
+    "few-shot": dict(pool=100, subset=64, epochs=4.0, m=10_000),
+    "many-shot": dict(pool=1536, subset=1024, epochs=1.5, m=1_000),
+}
+NUM_RUNS, BATCH = 20, 4
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticRun:  # the RunTrace attributes build_transitions reads
+  run_id: str
+  train_ids: np.ndarray
+  test_ids: np.ndarray
+  batch_size: int
+  curriculum: np.ndarray
+  losses: np.ndarray
+
+
+def synthetic_runs(*, pool: int, subset: int, epochs: float, m: int, seed: int = 0,
+                   noise: float = 0.01):
+  """Planted Simfluence-Linear traces; returns (runs, train_ids, test_ids, A, B)."""
+  rng = np.random.default_rng(seed)
+  train_ids = np.arange(pool, dtype=np.int64) * 3 + 1000   # ids are not positions
+  test_ids = np.arange(m, dtype=np.int64) + 7
+  steps = int(round(subset * epochs)) // BATCH
+  # α(c) ≈ 1 − O(1/steps) per step, β small: losses decay over a run but stay positive.
+  a = (1.0 - rng.uniform(0.0, 4.0 / steps, (m, pool))) / BATCH
+  b = rng.uniform(-0.02, 0.01, (m, pool)) / BATCH
+  runs = []
+  for r in range(NUM_RUNS):
+    chosen = rng.choice(pool, size=subset, replace=False)
+    order = np.concatenate([rng.permutation(chosen) for _ in range(int(np.ceil(epochs)))])
+    pos = order[:steps * BATCH].reshape(steps, BATCH)
+    losses = np.empty((steps + 1, m))
+    losses[0] = rng.uniform(2.0, 4.0, m)
+    for t in range(steps):
+      alpha, beta = a[:, pos[t]].sum(1), b[:, pos[t]].sum(1)
+      losses[t + 1] = alpha * losses[t] + beta + noise * rng.standard_normal(m)
+    runs.append(SyntheticRun(f"run{r:02d}", train_ids[chosen], test_ids, BATCH,
+                             train_ids[pos].astype(np.int32), losses.astype(np.float32)))
+  return runs, train_ids, test_ids, a, b
+
+
+def numpy_baseline(tr, cols, *, lam: float):
+  """Per test example: dense X = [x·Q, Q] in float64, normal equations with numpy."""
+  q = np.zeros((tr.num_steps, tr.num_train))
+  for s, row in enumerate(np.asarray(tr.batches)):
+    for i in row:
+      if i >= 0:
+        q[s, i] += 1.0
+  n = tr.num_train
+  out = []
+  for z in cols:
+    keep = np.asarray(tr.mask[:, z]) > 0
+    x = np.asarray(tr.prev[keep, z], np.float64)
+    y = np.asarray(tr.target[keep, z], np.float64)
+    xm = np.concatenate([x[:, None] * q[keep], q[keep]], axis=1)
+    w = np.linalg.solve(xm.T @ xm + lam * np.eye(2 * n), xm.T @ y)
+    out.append((w[:n], w[n:]))
+  return out
+
+
+def run(size: str, m: int | None, lam: float, repeats: int, sample: int | None,
+        chunk_size: int | None) -> dict:
+  cfg = dict(SIZES[size])
+  m = cfg.pop("m") if m is None else m
+  cfg.pop("m", None)
+  runs, train_ids, test_ids, _, _ = synthetic_runs(**cfg, m=m)
+  tr = design.build_transitions(runs, train_ids=train_ids, test_ids=test_ids)
+  del runs
+
+  t0 = time.perf_counter()
+  jax.block_until_ready(ridge.solve(tr, kind="linear", lam=lam, chunk_size=chunk_size))
+  compile_and_first = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    a, b = jax.block_until_ready(ridge.solve(tr, kind="linear", lam=lam,
+                                             chunk_size=chunk_size))
+    times.append(time.perf_counter() - t0)
+  seconds = statistics.median(times)
+
+  if sample is None:
+    sample = 40 if size == "few-shot" else 3
+  cols = np.random.default_rng(1).choice(m, size=min(sample, m), replace=False)
+  t0 = time.perf_counter()
+  ref = numpy_baseline(tr, cols, lam=lam)
+  baseline_per_sim = (time.perf_counter() - t0) / len(cols)
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  want = np.stack([np.concatenate(w) for w in ref])
+  got = np.concatenate([a[cols], b[cols]], axis=1)
+  max_rel_err = float(np.abs(got - want).max() / np.abs(want).max())
+  return {
+      "size": size, "m": int(m), "n": int(tr.num_train), "S": int(tr.num_steps),
+      "k": int(tr.batches.shape[1]), "lam": lam, "dtype": str(np.asarray(tr.prev).dtype),
+      "seconds": seconds, "seconds_all": times, "first_call_seconds": compile_and_first,
+      "sims_per_s": m / seconds, "baseline_seconds_per_sim": baseline_per_sim,
+      "baseline_sample": int(len(cols)), "speedup": baseline_per_sim * m / seconds,
+      "max_rel_err": max_rel_err,
+      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+      "backend": jax.default_backend(),
+  }
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--size", choices=sorted(SIZES), default="few-shot")
+  parser.add_argument("--m", type=int, default=None, help="test examples (default per size)")
+  parser.add_argument("--lam", type=float, default=0.1, help="ridge λ")
+  parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
+  parser.add_argument("--sample", type=int, default=None,
+                      help="test examples for the numpy baseline / error check")
+  parser.add_argument("--chunk_size", type=int, default=None)
+  args = parser.parse_args(argv)
+  result = run(args.size, args.m, args.lam, args.repeats, args.sample, args.chunk_size)
+  sys.stdout.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+  main()
