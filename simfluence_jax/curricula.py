@@ -74,12 +74,15 @@ def sample_curricula(pool_ids, *, num_runs: int, subset_size: int, epochs: float
 
 
 def load_curriculum(path) -> np.ndarray:
-  """int32 [T, k] train ids from .npy (int [T, k]) or .json (list of equal-length lists)."""
+  """int32 [T, k] train ids from .npy (int [T, k]) or .json (list of equal-length lists, or
+  {"batches": <that list>, "metadata": {...}} — see `load_curriculum_metadata`)."""
   path = pathlib.Path(path)
   if path.suffix == ".npy":
     arr = np.load(path, allow_pickle=False)
   elif path.suffix == ".json":
     rows = json.loads(path.read_text())
+    if isinstance(rows, dict):
+      rows = rows.get("batches")
     if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
       raise ValueError(f"{path}: expected a JSON list of lists of train ids")
     lengths = {len(r) for r in rows}
@@ -97,6 +100,21 @@ def load_curriculum(path) -> np.ndarray:
     step = int(np.argwhere(arr < PAD)[0, 0])
     raise ValueError(f"{path}: step {step} has an id < -1 (only -1 may pad)")
   return arr.astype(np.int32)
+
+
+def load_curriculum_metadata(path) -> dict:
+  """The "metadata" object of a .json curriculum {"batches", "metadata"} ({} otherwise).
+
+  The train binary copies it into the retrained run's run.json (e.g. which counterfactual
+  question the curriculum asks)."""
+  path = pathlib.Path(path)
+  if path.suffix != ".json":
+    return {}
+  content = json.loads(path.read_text())
+  meta = content.get("metadata", {}) if isinstance(content, dict) else {}
+  if not isinstance(meta, dict):
+    raise ValueError(f"{path}: \"metadata\" must be a JSON object")
+  return meta
 
 
 def save_curriculum(path, batches) -> pathlib.Path:

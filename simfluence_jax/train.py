@@ -1,0 +1,248 @@
+r"""Fine-tunes R runs together under jax.vmap and writes their traces into a workspace.
+
+  python -m simfluence_jax.pretrain --gin_file=gin_configs/experiments/quickstart.gin \
+      --gin.WORKSPACE=\"/tmp/ws\"
+  python -m simfluence_jax.train --gin_file=gin_configs/experiments/quickstart.gin \
+      [--gin_file=gin_configs/local_tiny.gin] --gin.WORKSPACE=\"/tmp/ws\"
+
+Writes W/runs/<run_id>/ (traces.write_run), W/examples/{train,test}.jsonl, W/checkpoints/
+(per-run checkpoint_<step> for TracIn-CP, and the group's resume state), W/tensorboard/ and
+W/config.gin (the operative gin config). Re-running the same command resumes from the latest
+complete group checkpoint; the traces are bit-identical to an uninterrupted run.
+
+Runs of different lengths (e.g. explicit --gin.run_experiment.curriculum_files) share one vmapped
+group: shorter runs are padded with no-op steps, and each trace keeps only its own steps.
+"""
+
+from __future__ import annotations
+
+import os
+
+if "XLA_FLAGS" not in os.environ:  # must precede the first jax import
+  # No YNNPACK fused attention (1.5-1.7x on CPU); 2 host devices to shard the runs axis over.
+  os.environ["XLA_FLAGS"] = ("--xla_cpu_experimental_ynn_fusion_type= "
+                             "--xla_force_host_platform_device_count=2")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import dataclasses
+import hashlib
+import json
+import pathlib
+import time
+from typing import Sequence
+
+from absl import logging
+import gin
+import jax
+import numpy as np
+import tqdm
+
+from simfluence_jax import checkpoints
+from simfluence_jax import curricula
+from simfluence_jax import gin_utils
+from simfluence_jax import tasks
+from simfluence_jax import traces
+from simfluence_jax import trainer as trainer_lib
+from simfluence_jax import models
+
+gin_utils.register_model_config()
+# Experiment files also bind pretrain.py's function; this binary ignores those bindings.
+OTHER_BINARIES_CONFIGURABLES = ("run_pretraining", "pipeline")
+
+
+def _summary_writer(logdir: pathlib.Path):
+  from clu import metric_writers
+  return metric_writers.create_default_writer(str(logdir), asynchronous=False)
+
+
+def explicit_curricula(files: Sequence[str], pool_ids: np.ndarray) -> list:
+  """Curriculum per explicit file: run id = "explicit_<file stem>", train ids = ids it uses."""
+  out = []
+  for path in files:
+    batches = np.asarray(curricula.load_curriculum(path), np.int32)
+    used = np.unique(batches[batches >= 0]).astype(np.int64)
+    unknown = np.setdiff1d(used, pool_ids)
+    if unknown.size:
+      raise ValueError(f"curriculum file {path}: ids {unknown[:5].tolist()} are not in the "
+                       f"task's train pool")
+    out.append(curricula.Curriculum(run_id=f"explicit_{pathlib.Path(path).stem}",
+                                    train_ids=used, batches=batches))
+  return out
+
+
+def to_positions(runs: Sequence, id_to_pos: dict[int, int], num_steps: int) -> np.ndarray:
+  """[R, T, k] pool positions for the group; -1 pads, also after a run's own last step."""
+  k = max(c.batches.shape[1] for c in runs)
+  out = np.full((len(runs), num_steps, k), -1, np.int32)
+  lookup = np.vectorize(lambda i: id_to_pos[int(i)] if i >= 0 else -1, otypes=[np.int32])
+  for r, c in enumerate(runs):
+    b = np.asarray(c.batches)
+    if b.size:
+      out[r, :b.shape[0], :b.shape[1]] = lookup(b)
+  return out
+
+
+def load_pretrained(pretrained_dir: pathlib.Path, config: models.T5Config, *, tuning: str,
+                    seed: int, input_length: int, target_length: int) -> dict:
+  """Pretrained {"params"} (+ fresh IA3 ones when tuning == "ia3"), checked against config."""
+  if checkpoints.latest_step(pretrained_dir) is None:
+    raise FileNotFoundError(
+        f"no pretrained checkpoint under {pretrained_dir}; run `python -m "
+        f"simfluence_jax.pretrain` with the same --gin_file/--gin flags first")
+  expected = jax.eval_shape(lambda: models.init_variables(
+      config, jax.random.PRNGKey(seed), use_ia3=tuning == "ia3", input_length=input_length,
+      target_length=target_length))
+  params = checkpoints.load_variables(pretrained_dir)["params"]
+  shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)
+  if shapes(params) != shapes(expected["params"]):
+    raise ValueError(f"pretrained checkpoint under {pretrained_dir} does not fit model_config "
+                     f"{config} (pretrained with another model size?)")
+  variables = {"params": params}
+  if tuning == "ia3":
+    variables["ia3"] = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), expected["ia3"])
+  return variables
+
+
+@gin.configurable
+def run_experiment(
+    workspace: str = gin.REQUIRED,
+    task: str = gin.REQUIRED,
+    model_config: models.T5Config = gin.REQUIRED,
+    *,
+    tuning: str = "full",
+    optimizer: str = "adafactor",
+    learning_rate: float = 1e-3,
+    num_runs: int = 32,
+    subset_size: int = 64,
+    epochs: float = 4.0,
+    batch_size: int = 4,
+    seed: int = 0,
+    num_test_examples: int | None = None,
+    input_length: int = 64,
+    target_length: int = 16,
+    curriculum_files: Sequence[str] = (),
+    run_ids: Sequence[str] | None = None,
+    pretrained_dir: str | None = None,
+    checkpoint_every: int = 0,
+    num_tracin_checkpoints: int = 10,
+) -> dict:
+  """Trains the sampled (+ explicit) curricula, writes traces; returns a summary dict.
+
+  checkpoint_every: steps between resume checkpoints (group state + per-run params); 0 = none.
+  num_tracin_checkpoints: per-run checkpoints at this many evenly spaced steps (incl. final).
+  run_ids: train only these runs of the experiment (to split it across jobs).
+  pretrained_dir: defaults to <workspace>/pretrained (written by simfluence_jax.pretrain).
+  """
+  start_time = time.time()
+  ws = pathlib.Path(workspace)
+  gin_utils.write_config(ws)
+  pools = tasks.get_pools(task)
+  test = list(pools.test[:num_test_examples])
+  pool_ids = np.asarray([e.id for e in pools.train], np.int64)
+  runs = curricula.sample_curricula(pool_ids, num_runs=num_runs, subset_size=subset_size,
+                                    epochs=epochs, batch_size=batch_size, seed=seed)
+  runs = list(runs) + explicit_curricula(curriculum_files, pool_ids)
+  if run_ids is not None:
+    unknown = sorted(set(run_ids) - {c.run_id for c in runs})
+    if unknown:
+      raise ValueError(f"run_ids {unknown} are not runs of this experiment "
+                       f"(it has {[c.run_id for c in runs][:4]}...)")
+    runs = [c for c in runs if c.run_id in set(run_ids)]
+  with traces.workspace_lock(ws):
+    traces.write_examples(ws, "train", [_example_dict(e) for e in pools.train])
+    traces.write_examples(ws, "test", [_example_dict(e) for e in test])
+
+  lengths = [int(c.batches.shape[0]) for c in runs]
+  num_steps = max(lengths)
+  id_to_pos = {int(i): p for p, i in enumerate(pool_ids)}
+  positions = to_positions(runs, id_to_pos, num_steps)
+  encode = lambda ex: {k: jax.numpy.asarray(v) for k, v in tasks.encode_examples(
+      ex, input_length=input_length, target_length=target_length).items()}
+  pool, test_batch = encode(pools.train), encode(test)
+
+  variables = load_pretrained(pathlib.Path(pretrained_dir or ws / "pretrained"), model_config,
+                              tuning=tuning, seed=seed, input_length=input_length,
+                              target_length=target_length)
+  model = models.Transformer(model_config, use_ia3=tuning == "ia3")
+  mesh = trainer_lib.runs_mesh(len(runs))
+  trainer = trainer_lib.Trainer(trainer_lib.t5_loss_fn(model),
+                                trainer_lib.make_optimizer(optimizer, learning_rate),
+                                dropout=model_config.dropout_rate > 0, mesh=mesh)
+  state = trainer_lib.place(trainer_lib.init_state(
+      variables, num_runs=len(runs), tuning=tuning, optimizer=trainer.optimizer, seed=seed),
+      mesh)
+  progress = trainer_lib.Progress.empty(len(runs), num_steps, len(test))
+
+  ckpt_dir = ws / "checkpoints"
+  ids = [c.run_id for c in runs]
+  group = "all" if run_ids is None else hashlib.sha1(",".join(ids).encode()).hexdigest()[:10]
+  meta = {"task": task, "tuning": tuning, "optimizer": optimizer,
+          "learning_rate": learning_rate, "seed": seed,
+          "model_config": dataclasses.asdict(model_config),
+          "input_length": input_length, "target_length": target_length}
+  extra = {pathlib.Path(f).stem: curricula.load_curriculum_metadata(f)
+           for f in curriculum_files}
+  # A resume must continue the same experiment: same runs, steps, test set and settings.
+  checkpoints.check_group(ckpt_dir, group, {"run_ids": ids, "num_steps": num_steps,
+                                            "test_ids": [e.id for e in test], **meta})
+  restored = checkpoints.restore_group(ckpt_dir, group, state, progress)
+  if restored is not None:
+    state, progress = restored
+    logging.info("resuming group %s from step %d", group, int(state.step))
+  run_saves = [set(trainer_lib.tracin_steps(t, num_tracin_checkpoints)) |
+               (set(range(checkpoint_every, t + 1, checkpoint_every)) if checkpoint_every
+                else set()) for t in lengths]
+  group_saves = set(range(checkpoint_every, num_steps, checkpoint_every)) \
+      if checkpoint_every else set()
+
+  def on_save(s: trainer_lib.TrainState, p: trainer_lib.Progress) -> None:
+    step = int(s.step)
+    for r, run_id in enumerate(ids):
+      if step in run_saves[r]:
+        checkpoints.save(checkpoints.checkpoint_path(ckpt_dir / run_id, step),
+                         s.run_variables(r))
+    if step in group_saves:   # last, so a resume point implies its run checkpoints exist
+      checkpoints.save_group(ckpt_dir, group, s, p)
+
+  writer = _summary_writer(ws / "tensorboard")
+  bar = tqdm.tqdm(total=num_steps, initial=int(state.step), desc="train", unit="step")
+
+  def on_steps(step: int, train_loss: np.ndarray, test_losses: np.ndarray) -> None:
+    scalars = {"train_loss/mean": float(train_loss.mean())}
+    scalars.update({f"test_loss/{i}": float(v) for i, v in zip(ids, test_losses.mean(1))})
+    writer.write_scalars(step, scalars)
+    bar.update(1)
+
+  state, progress = trainer_lib.train_group(
+      trainer, state, progress, positions=positions, pool=pool, test_batch=test_batch,
+      mesh=mesh, save_steps=set().union(*run_saves, group_saves), on_save=on_save,
+      on_steps=on_steps)
+  bar.close()
+  writer.flush()
+
+  test_ids = np.asarray([e.id for e in test], np.int64)
+  for r, c in enumerate(runs):
+    traces.write_run(ws, traces.RunTrace(
+        run_id=c.run_id, train_ids=np.asarray(c.train_ids, np.int64), test_ids=test_ids,
+        batch_size=int(c.batches.shape[1]), curriculum=np.asarray(c.batches, np.int32),
+        losses=progress.losses[r, :lengths[r] + 1],
+        metadata={**meta, **extra.get(c.run_id.removeprefix("explicit_"), {})}))
+  return {"workspace": str(ws), "runs": len(runs), "steps": num_steps, "test": len(test),
+          "devices": 1 if mesh is None else mesh.size,
+          "seconds": round(time.time() - start_time, 2)}
+
+
+def _example_dict(e) -> dict:
+  return {**dict(e.meta), "id": int(e.id), "inputs": e.inputs, "targets": e.targets}
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments {argv[1:]}; use --gin_file / --gin.NAME=VALUE")
+  gin_utils.parse_gin_flags(skip_unknown=OTHER_BINARIES_CONFIGURABLES)
+  print(json.dumps(run_experiment()))
+
+
+if __name__ == "__main__":
+  gin_utils.define_flags()
+  gin_utils.run(main, "simfluence_jax.train")
