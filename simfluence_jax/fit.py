@@ -1,0 +1,69 @@
+r"""Fits a simulator to a workspace's runs and writes fits/<name>/{params.npz,fit.json}.
+
+  python -m simfluence_jax.fit --workspace=W --simulator=linear \
+      --fit_runs=run_000,run_001 --val_runs=run_020,run_021 --name=linear
+  python -m simfluence_jax.fit --workspace=W --simulator=additive --fit_runs=... --lam=0.1 --name=add
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import flags
+import gin
+
+from simfluence_jax import fit_params
+from simfluence_jax import gin_utils
+from simfluence_jax import pipeline
+from simfluence_jax import simulators
+
+_WORKSPACE = flags.DEFINE_string("workspace", None, "Workspace directory.", required=True)
+_SIMULATOR = flags.DEFINE_enum(
+    "simulator", "linear", list(simulators.KINDS) + sorted(simulators.ALIASES),
+    "Which simulator to fit (tracin_ideal is an alias of additive, paper §4.1).")
+_FIT_RUNS = flags.DEFINE_list("fit_runs", None, "Run ids whose transitions are fitted.")
+_FROM_SPLIT = flags.DEFINE_boolean(
+    "from_split", False, "Take --fit_runs/--val_runs from <workspace>/experiment.json.")
+_VAL_RUNS = flags.DEFINE_list("val_runs", [], "Validation run ids for choosing λ.")
+_LAM = flags.DEFINE_float("lam", None, "L2 weight λ; if unset, chosen from --lam_grid.")
+_LAM_GRID = flags.DEFINE_list(
+    "lam_grid", None, "λ candidates, scored by all-steps MSE of rollouts on --val_runs "
+    f"(default: gin `fit_options.lam_grid`, else {list(simulators.DEFAULT_LAM_GRID)}).")
+_NAME = flags.DEFINE_string("name", None, "Fit name: writes fits/<name>/.", required=True)
+
+
+@gin.configurable
+def fit_options(*, lam_grid=simulators.DEFAULT_LAM_GRID, chunk_size=None):
+  """Everything else about a fit, set with --gin_file / --gin.fit_options.NAME=VALUE."""
+  return {"lam_grid": tuple(lam_grid), "chunk_size": chunk_size}
+
+
+def main(argv):
+  del argv
+  gin_utils.parse_gin_flags()
+  options = fit_options()
+  fit_ids, val_ids = _FIT_RUNS.value, _VAL_RUNS.value
+  if _FROM_SPLIT.value:
+    split = pipeline.read_experiment(_WORKSPACE.value)["split"]
+    fit_ids, val_ids = split["fit"], split["val"]
+  if not fit_ids:
+    raise ValueError("no fit runs: give --fit_runs=run_a,run_b,... or --from_split")
+  fit_runs = simulators.read_runs(_WORKSPACE.value, fit_ids)
+  val_runs = simulators.read_runs(_WORKSPACE.value, val_ids)
+  try:
+    grid = [float(x) for x in (_LAM_GRID.value or options["lam_grid"])]
+  except ValueError:
+    raise ValueError(f"--lam_grid must be numbers, got {_LAM_GRID.value}") from None
+  params, diagnostics = simulators.fit(
+      fit_runs, simulator=_SIMULATOR.value, lam=_LAM.value, lam_grid=grid,
+      val_runs=val_runs, chunk_size=options["chunk_size"])
+  path = fit_params.save_fit(_WORKSPACE.value, _NAME.value, params, diagnostics)
+  print(json.dumps({"fit": _NAME.value, "path": str(path), "kind": params.kind,
+                    "lam": params.lam, "m": int(params.A.shape[0]),
+                    "n": int(params.A.shape[1]),
+                    "seconds": diagnostics["timings_s"]["total"]}))
+
+
+if __name__ == "__main__":
+  gin_utils.define_flags()
+  gin_utils.run(main, "simfluence_jax.fit")
