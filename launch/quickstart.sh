@@ -1,5 +1,11 @@
 #!/usr/bin/env bash
-# Creates .venv, installs the project, and runs the embedded default experiment end to end.
+# Creates .venv, installs the project, and runs the embedded default experiment end to end:
+# pretrain (cached) -> 32 few-shot runs -> fit every simulator -> score on held-out runs ->
+# counterfactual retraining -> report. Re-running skips the finished stages.
+#
+#   bash launch/quickstart.sh                       # the quickstart experiment
+#   WORKSPACE=/tmp/ws bash launch/quickstart.sh     # somewhere else
+#   bash launch/quickstart.sh --gin_file=local_tiny.gin   # extra flags go to launch/local.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -7,4 +13,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e .
-echo "quickstart: nothing to run yet"
+WORKSPACE="${WORKSPACE:-workspaces/quickstart}"
+exec .venv/bin/python launch/local.py \
+  --gin_file=experiments/quickstart.gin "$@" \
+  --gin.WORKSPACE="\"${WORKSPACE}\""
