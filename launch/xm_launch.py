@@ -101,7 +101,7 @@ def main(argv: Sequence[str]) -> None:
   del argv
   gin_utils.parse_gin_flags(skip_unknown=True)
   workspace = gin.query_parameter("%WORKSPACE")
-  num_runs = _NUM_RUNS.value or gin.query_parameter("run_experiment.num_runs")
+  num_runs = _NUM_RUNS.value or gin.query_parameter("%NUM_RUNS")
   gin_args = ([f"--gin_file={f}" for f in flags.FLAGS.gin_file] +
               [f"--gin_bindings={b}" for b in flags.FLAGS.gin_bindings])
   config = gin_utils.pipeline_config()

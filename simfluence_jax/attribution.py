@@ -207,3 +207,37 @@ def rank(scores, train_ids, top_k: int, *, higher_is_helpful: bool = True) -> Ra
     fields.append(np.where(picked, np.take_along_axis(s, order, axis=1), np.nan))
   out = Ranking(*fields)
   return Ranking(*(f[0] for f in out)) if squeeze else out
+
+
+def repacked_removal_effects(A, B, *, kind: str, batches, initial_losses,
+                             chunk_size: int | None = None) -> np.ndarray:
+  """Leave-one-out effects where the run is re-packed into full batches without z_i.
+
+  Simfluence's α(c) = Σ_{i∈c} A_i sums over the batch, so a batch with an empty slot (the
+  keep_steps semantics of `removal_effects`) is also a *smaller batch*: with A_i ≈ 1/k each
+  slot carries ≈ 1/k of the identity, and emptying one mixes "without z_i" with "a step
+  that scales the loss by ≈ (k−1)/k". Re-packing (`counterfactuals.remove_examples`, the
+  default, and what the counterfactual check retrains) keeps every batch full and shortens
+  the run by |T_i|/k steps instead: the faithful "train without z_i" at a fixed batch size.
+
+  Same arguments and orientation as `removal_effects` (> 0 proponent); numpy [m, n].
+  Examples absent from the curriculum get exactly 0.
+  """
+  from simfluence_jax import counterfactuals  # pylint: disable=g-import-not-at-top
+  a, b = np.asarray(A), np.asarray(B)
+  l0 = np.asarray(initial_losses)
+  batches = np.asarray(batches)
+  m, n = a.shape
+  chunk_size = int(chunk_size or min(n, DEFAULT_CHUNK_SIZE))
+  reference = np.asarray(rollout_lib.rollout(a, b, kind=kind, batches=batches,
+                                             initial_losses=l0))[-1]
+  present = np.unique(batches[batches >= 0])
+  out = np.zeros((m, n), dtype=np.result_type(a.dtype, l0.dtype))
+  for start in range(0, present.size, chunk_size):
+    chunk = present[start:start + chunk_size]
+    curricula = [counterfactuals.remove_examples(batches, [int(i)]) for i in chunk]
+    stacked, mask = rollout_lib.pad_curricula(curricula)
+    finals = np.asarray(rollout_lib.rollout_many(
+        a, b, kind=kind, batches=stacked, initial_losses=l0, step_mask=mask))[:, -1]
+    out[:, chunk] = (finals - reference).T                       # [m, chunk]
+  return out

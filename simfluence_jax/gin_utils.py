@@ -13,6 +13,7 @@ and `experiments/quickstart.gin` both work from any working directory.
 from __future__ import annotations
 
 import importlib.util  # noqa: F401  gin 0.5.0 needs it loaded to resolve files on a search path
+import contextlib
 import os
 import pathlib
 import sys
@@ -112,8 +113,11 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
     gin.add_config_file_search_path(path)
   files = [resolve_gin_file(f, paths) for f in gin_files]
   skip = skip_unknown if isinstance(skip_unknown, bool) else list(skip_unknown)
-  gin.parse_config_files_and_bindings(files, list(gin_bindings), skip_unknown=skip,
-                                      finalize_config=True)
+  # Parse from inside gin_configs/: gin tries an `include` relative to the working directory
+  # before the search path and logs an error line for each miss; the files are absolute.
+  with contextlib.chdir(GIN_CONFIGS_DIR):
+    gin.parse_config_files_and_bindings(files, list(gin_bindings), skip_unknown=skip,
+                                        finalize_config=True)
 
 
 def parse_gin_flags(skip_unknown: Sequence[str] | bool = ()) -> None:

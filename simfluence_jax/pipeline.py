@@ -107,9 +107,10 @@ def make_counterfactuals(workspace, *, fit_name: str, config: PipelineConfig,
                          base_run: str | None = None) -> list[dict]:
   """Writes explicit curriculum files for the counterfactual check; returns their manifest.
 
-  The base is the first held-out run. The targeted test example is the one whose simulated
-  final loss the fitted simulator says depends most on its top proponents (largest sum of
-  the top `num_removed` removal effects), so the question is one the simulator has an
+  The base is the first held-out run. Proponents are ranked by re-packed leave-one-out
+  effects (`attribution.repacked_removal_effects`). The targeted test example is the one
+  whose simulated final loss the fitted simulator says depends most on its top proponents
+  (largest sum of the top `num_removed` removal effects), so the question is one the simulator has an
   opinion about. Each file is JSON {"batches": [[id, ...], ...], "metadata": {...}} and the
   train binary copies "metadata" into the retrained run's run.json.
   """
@@ -120,7 +121,7 @@ def make_counterfactuals(workspace, *, fit_name: str, config: PipelineConfig,
   cols = simulators.columns_of(params, base)
   a, b = np.asarray(params.A)[cols], np.asarray(params.B)[cols]
   l0 = np.asarray(base.losses[0], np.float32)
-  effects = np.asarray(attribution.removal_effects(
+  effects = np.asarray(attribution.repacked_removal_effects(
       a, b, kind=params.kind, batches=_positions(params, base.curriculum),
       initial_losses=l0))                                    # [m, n], > 0 = proponent
   top = np.sort(effects, axis=1)[:, ::-1][:, :config.num_removed]
@@ -169,6 +170,8 @@ def merge_workspaces(destination, sources: Sequence) -> list[str]:
   merged = []
   for source in sources:
     for split in ("train", "test"):
+      if not traces.examples_path(source, split).exists():
+        continue
       examples = traces.read_examples(source, split)
       if examples:
         traces.write_examples(destination, split, list(examples.values()))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorBoard's TF import: no banner
 if "XLA_FLAGS" not in os.environ:  # must precede the first jax import
   os.environ["XLA_FLAGS"] = "--xla_cpu_experimental_ynn_fusion_type="
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorBoard's TF import: no banner
 if "XLA_FLAGS" not in os.environ:  # must precede the first jax import
   # No YNNPACK fused attention (1.5-1.7x on CPU); 2 host devices to shard the runs axis over.
   os.environ["XLA_FLAGS"] = ("--xla_cpu_experimental_ynn_fusion_type= "
@@ -51,8 +52,10 @@ OTHER_BINARIES_CONFIGURABLES = ("run_pretraining", "pipeline")
 
 
 def _summary_writer(logdir: pathlib.Path):
+  """TensorBoard scalars only: the progress bar is the console display (clu's default writer
+  would also log every step's scalars to the console)."""
   from clu import metric_writers
-  return metric_writers.create_default_writer(str(logdir), asynchronous=False)
+  return metric_writers.SummaryWriter(str(logdir))
 
 
 def explicit_curricula(files: Sequence[str], pool_ids: np.ndarray) -> list:

@@ -183,3 +183,33 @@ def test_validation_errors():
     attribution.rank(a, np.arange(2), top_k=1)
   with pytest.raises(ValueError, match="top_k"):
     attribution.rank(a, np.arange(3), top_k=0)
+
+
+def test_repacked_removal_effects_match_a_loop_of_rollouts():
+  """Re-packed leave-one-out vs an explicit numpy loop (remove, re-batch, roll out)."""
+  rng = np.random.default_rng(11)
+  m, n, k, steps = 3, 7, 2, 12
+  a = rng.uniform(0.4, 0.55, (m, n))
+  b = rng.uniform(-0.05, 0.05, (m, n))
+  batches = np.stack([rng.choice(n - 1, k, replace=False) for _ in range(steps)])  # n-1 unused
+  l0 = rng.uniform(1, 2, m)
+
+  def loop_final(cur):
+    loss = l0.copy()
+    for row in cur:
+      row = [p for p in row if p >= 0]
+      loss = a[:, row].sum(1) * loss + b[:, row].sum(1)
+    return loss
+
+  reference = loop_final(batches)
+  want = np.zeros((m, n))
+  for i in range(n):
+    seq = [p for p in batches.reshape(-1) if p != i]
+    cur = [seq[j:j + k] + [-1] * (k - len(seq[j:j + k])) for j in range(0, len(seq), k)]
+    if i in batches:
+      want[:, i] = loop_final(np.array(cur)) - reference
+  with jax.enable_x64(True):
+    got = attribution.repacked_removal_effects(a, b, kind="linear", batches=batches,
+                                               initial_losses=l0, chunk_size=3)
+  np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+  assert np.all(got[:, n - 1] == 0.0)  # never consumed -> exactly 0
