@@ -15,6 +15,7 @@ import json
 from absl import flags
 
 from simfluence_jax import atomic_io
+from simfluence_jax import baselines
 from simfluence_jax import fit_params
 from simfluence_jax import gin_utils
 from simfluence_jax import pipeline
@@ -36,14 +37,17 @@ _OUTPUT = flags.DEFINE_string("output", None, "Where to write metrics.json "
 def main(argv):
   del argv
   gin_utils.parse_gin_flags()
-  params, _ = fit_params.load_fit(_WORKSPACE.value, _FIT.value)
+  params, diagnostics = fit_params.load_fit(_WORKSPACE.value, _FIT.value)
   run_ids = _RUNS.value
   if _FROM_SPLIT.value:
     run_ids = pipeline.read_experiment(_WORKSPACE.value)["split"]["heldout"]
   if not run_ids:
     raise ValueError("no runs to score: give --runs=run_x,... or --from_split")
   runs = simulators.read_runs(_WORKSPACE.value, run_ids)
-  result = simulators.evaluate(params, runs, unseen=_UNSEEN.value)
+  if diagnostics.get("rescale"):  # TracIn-CP: the paper's optimal σ (uses ground truth)
+    result = baselines.evaluate_rescaled(params, runs)
+  else:
+    result = simulators.evaluate(params, runs, unseen=_UNSEEN.value)
   result = {"fit": _FIT.value, "kind": params.kind, "lam": params.lam, **result}
   output = _OUTPUT.value or f"{_WORKSPACE.value}/fits/{_FIT.value}/metrics.json"
   atomic_io.save_json(output, result)

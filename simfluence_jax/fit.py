@@ -12,6 +12,7 @@ import json
 from absl import flags
 import gin
 
+from simfluence_jax import baselines
 from simfluence_jax import fit_params
 from simfluence_jax import gin_utils
 from simfluence_jax import pipeline
@@ -19,8 +20,22 @@ from simfluence_jax import simulators
 
 _WORKSPACE = flags.DEFINE_string("workspace", None, "Workspace directory.", required=True)
 _SIMULATOR = flags.DEFINE_enum(
-    "simulator", "linear", list(simulators.KINDS) + sorted(simulators.ALIASES),
-    "Which simulator to fit (tracin_ideal is an alias of additive, paper §4.1).")
+    "simulator", "linear",
+    list(simulators.KINDS) + sorted(simulators.ALIASES) + list(baselines.SIMULATORS),
+    "Which simulator to fit (tracin_ideal is an alias of additive, paper §4.1; "
+    f"{', '.join(baselines.SIMULATORS)} are the gradient baselines of baselines.py, which "
+    "read the fit runs' checkpoints).")
+_CHECKPOINTS = flags.DEFINE_string(
+    "checkpoints", "available", "Gradient baselines: checkpoint steps to use, comma-separated, "
+    "'available' (every saved checkpoint of a run), 'tracin' (the trainer's 10 evenly spaced "
+    "TracIn steps) or 'all' (every step; implied by tracin_cp_all).")
+_PROJECTION_DIM = flags.DEFINE_integer(
+    "projection_dim", None, "Gradient baselines: JL projection dimension (default: exact "
+    "IA3 gradients; 1024 for full fine-tuning).")
+_DAMPING = flags.DEFINE_float(
+    "damping", None, "influence/source: damping λ of (G + λI)⁻¹ (default 0.1 × mean "
+    "EK-FAC eigenvalue).")
+_SEGMENTS = flags.DEFINE_integer("segments", 3, "source: number of training segments L.")
 _FIT_RUNS = flags.DEFINE_list("fit_runs", None, "Run ids whose transitions are fitted.")
 _FROM_SPLIT = flags.DEFINE_boolean(
     "from_split", False, "Take --fit_runs/--val_runs from <workspace>/experiment.json.")
@@ -54,9 +69,19 @@ def main(argv):
     grid = [float(x) for x in (_LAM_GRID.value or options["lam_grid"])]
   except ValueError:
     raise ValueError(f"--lam_grid must be numbers, got {_LAM_GRID.value}") from None
-  params, diagnostics = simulators.fit(
-      fit_runs, simulator=_SIMULATOR.value, lam=_LAM.value, lam_grid=grid,
-      val_runs=val_runs, chunk_size=options["chunk_size"])
+  if _SIMULATOR.value in baselines.SIMULATORS:
+    ckpts = _CHECKPOINTS.value
+    if ckpts not in ("available", "tracin", "all"):
+      ckpts = tuple(int(s) for s in ckpts.split(","))
+    params, diagnostics = baselines.fit(
+        _WORKSPACE.value, fit_runs, simulator=_SIMULATOR.value, val_runs=val_runs,
+        options=baselines.BaselineOptions(
+            checkpoints=ckpts, projection_dim=_PROJECTION_DIM.value, damping=_DAMPING.value,
+            segments=_SEGMENTS.value, lam=_LAM.value, lam_grid=tuple(grid)))
+  else:
+    params, diagnostics = simulators.fit(
+        fit_runs, simulator=_SIMULATOR.value, lam=_LAM.value, lam_grid=grid,
+        val_runs=val_runs, chunk_size=options["chunk_size"])
   path = fit_params.save_fit(_WORKSPACE.value, _NAME.value, params, diagnostics)
   print(json.dumps({"fit": _NAME.value, "path": str(path), "kind": params.kind,
                     "lam": params.lam, "m": int(params.A.shape[0]),
