@@ -1,0 +1,120 @@
+"""Figures of the report (matplotlib, Agg): each function returns PNG bytes.
+
+Colors are fixed per method label (`color_for`) so a method looks the same in every figure;
+the observed ("true") trajectory is always black.
+"""
+
+from __future__ import annotations
+
+import io
+import textwrap
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
+
+_PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
+            "#17becf", "#bcbd22", "#7f7f7f")
+TRUE_COLOR = "#111111"
+plt.rcParams.update({"font.size": 9, "axes.titlesize": 9, "legend.fontsize": 8,
+                     "axes.spines.top": False, "axes.spines.right": False})
+
+
+def color_for(labels: Sequence[str]) -> dict[str, str]:
+  """One palette color per label, in the order given (the table's order)."""
+  return {label: _PALETTE[i % len(_PALETTE)] for i, label in enumerate(labels)}
+
+
+def _png(fig) -> bytes:
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  return buf.getvalue()
+
+
+def _title(text: str, width: int = 42, lines: int = 2) -> str:
+  return "\n".join(textwrap.wrap(text, width)[:lines]) or "(no text)"
+
+
+def trajectories(true: np.ndarray, preds: Mapping[str, np.ndarray], columns: Sequence[int],
+                 titles: Sequence[str], colors: Mapping[str, str]) -> bytes:
+  """Figure 1/2: per test example (column), the observed loss vs each simulator's rollout.
+
+  true: [T+1, m] observed; preds: label -> [T+1, m]; columns: which test examples.
+  """
+  n = len(columns)
+  ncols = min(3, n)
+  nrows = int(np.ceil(n / ncols))
+  fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.6 * nrows), squeeze=False)
+  steps = np.arange(true.shape[0])
+  for ax, col, title in zip(axes.flat, columns, titles):
+    ax.plot(steps, true[:, col], color=TRUE_COLOR, lw=2.2, label="observed")
+    for label, pred in preds.items():
+      ax.plot(steps, pred[:, col], color=colors[label], lw=1.3, ls="--", label=label)
+    ax.set_title(_title(title))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+  for ax in list(axes.flat)[n:]:
+    ax.axis("off")
+  handles, labels = axes.flat[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)),
+             bbox_to_anchor=(0.5, -0.02 - 0.03 * ((len(labels) - 1) // 5)), frameon=False)
+  fig.tight_layout(rect=(0, 0.06, 1, 1))
+  return _png(fig)
+
+
+def final_loss_scatter(points: Mapping[str, tuple[np.ndarray, np.ndarray, float]],
+                       colors: Mapping[str, str]) -> bytes:
+  """Predicted vs observed final losses, one panel per method; label -> (true, pred, rho)."""
+  n = len(points)
+  ncols = min(4, n)
+  nrows = int(np.ceil(n / ncols))
+  fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 3.0 * nrows), squeeze=False)
+  for ax, (label, (true, pred, rho)) in zip(axes.flat, points.items()):
+    ok = np.isfinite(true) & np.isfinite(pred)
+    ax.scatter(true[ok], pred[ok], s=9, alpha=0.6, color=colors[label],
+               label=f"Spearman ρ = {rho:.3f}")
+    both = np.concatenate([true[ok], pred[ok]]) if ok.any() else np.array([0.0, 1.0])
+    lo, hi = float(both.min()), float(both.max())
+    ax.plot([lo, hi], [lo, hi], color="#888888", lw=1, label="y = x")
+    ax.set_title(_title(label, 34))
+    ax.set_xlabel("observed final loss")
+    ax.set_ylabel("simulated final loss")
+    ax.legend(loc="upper left", frameon=False)
+  for ax in list(axes.flat)[n:]:
+    ax.axis("off")
+  fig.tight_layout()
+  return _png(fig)
+
+
+def counterfactual(real: np.ndarray, base_real: np.ndarray | None,
+                   sims: Mapping[str, np.ndarray], colors: Mapping[str, str],
+                   titles: Sequence[str]) -> bytes:
+  """Real retraining vs simulations under an edited curriculum.
+
+  real: [T+1, p] observed curves to show (p panels: e.g. mean over test examples, the
+  targeted test example); base_real: [T0+1, p] the base run's observed curves (grey) or None;
+  sims: label -> [T+1, p].
+  """
+  p = real.shape[1]
+  fig, axes = plt.subplots(1, p, figsize=(4.2 * p, 2.8), squeeze=False)
+  for j, ax in enumerate(axes.flat):
+    if base_real is not None:
+      ax.plot(np.arange(base_real.shape[0]), base_real[:, j], color="#aaaaaa", lw=1.5,
+              label="base run (observed)")
+    ax.plot(np.arange(real.shape[0]), real[:, j], color=TRUE_COLOR, lw=2.2,
+            label="counterfactual run (observed)")
+    for label, sim in sims.items():
+      ax.plot(np.arange(sim.shape[0]), sim[:, j], color=colors[label], lw=1.3, ls="--",
+              label=f"{label} (simulated)")
+    ax.set_title(_title(titles[j], 50))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+  handles, labels = axes.flat[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)),
+             bbox_to_anchor=(0.5, -0.04 - 0.05 * ((len(labels) - 1) // 3)), frameon=False)
+  fig.tight_layout(rect=(0, 0.08, 1, 1))
+  return _png(fig)
