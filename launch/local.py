@@ -130,7 +130,7 @@ def main(argv: Sequence[str]) -> None:
   if done("counterfactuals"):
     return
   stages.run("report", lambda: binary("report", ws))
-  report = workspace / "report" / "index.html"
+  report = workspace / "report" / "report.html"
   print(f"\nReport: {report}\n        {workspace / 'report' / 'report.md'}", flush=True)
 
 

@@ -381,8 +381,11 @@ def _fit_hypothetical_linear(rows, train_ids, test_ids, val_runs, options, diag)
       A=np.asarray(a, np.float32), B=np.asarray(b, np.float32), train_ids=train_ids,
       test_ids=test_ids, kind="linear", lam=float(lam))
   scores = {}
-  if options.lam is not None:
-    params = as_params(*ridge.solve(tr, kind="linear", lam=options.lam), options.lam)
+  lam = options.lam
+  if lam is None and not val_runs and len(options.lam_grid) == 1:
+    lam = float(options.lam_grid[0])  # as simulators.fit: a one-value grid needs no validation
+  if lam is not None:
+    params = as_params(*ridge.solve(tr, kind="linear", lam=lam), lam)
   else:
     if not val_runs:
       raise ValueError("hypothetical_linear: give lam or validation runs to choose it")

@@ -17,6 +17,7 @@ import pytest
 from simfluence_jax import attribution
 from simfluence_jax import fit_params
 from simfluence_jax import pipeline
+from simfluence_jax import report
 from simfluence_jax import simulators
 from simfluence_jax import traces
 
@@ -124,7 +125,10 @@ def test_xm_launch_dry_run_plans_the_same_stages(tmp_path):
   shard_runs = [json.loads(job["args"][-1].split(" = ", 1)[1]) for job in stages[1]]
   assert sum(shard_runs, []) == [f"run_{r:03d}" for r in range(32)]  # each run exactly once
   assert names[2] == ["merge"] and names[3] == ["split"]
-  assert names[4] == ["fit_linear", "fit_additive", "fit_multiplicative"]
+  assert names[4] == [f"fit_{s}" for s in ("linear", "additive", "multiplicative",
+                                            "tracin_cp", "influence", "source",
+                                            "hypothetical_linear")]
+  assert names[5] == [f"evaluate_{s[4:]}" for s in names[4]]
   assert names[-1] == ["report"]
 
 
@@ -139,10 +143,10 @@ def test_local_pipeline_end_to_end_and_rerun_skips(tmp_path):
   for stage in ("pretrain", "train", "split", "fit:linear", "evaluate:linear", "report"):
     assert (ws / "stages" / f"{stage}.json").exists(), stage
   report_md = (ws / "report" / "report.md").read_text()
-  for sim in ("linear", "additive", "multiplicative"):
+  for sim in ("linear", "additive", "multiplicative", "tracin_cp", "influence"):
     metrics = json.loads((ws / "fits" / sim / "metrics.json").read_text())
     assert np.isfinite(metrics["mse"]["mean"])
-    assert f"{metrics['mse']['mean']:.3f}" in report_md, (sim, metrics["mse"])
+    assert report.format_pm(metrics["mse"]) in report_md, (sim, metrics["mse"])
   again = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
   assert again.returncode == 0, again.stderr[-3000:]
   assert again.stdout.count("finished earlier, skipped") >= 9, again.stdout
