@@ -37,6 +37,11 @@ SIMULATOR_LABELS = {
     "additive": "Simfluence-Additive (TracIn-Ideal)",
     "tracin_ideal": "Simfluence-Additive (TracIn-Ideal)",
     "multiplicative": "Simfluence-Multiplicative",
+    "tracin_cp": "TracIn-CP (10 ckpts)",
+    "tracin_cp_all": "TracIn-CP (all steps)",
+    "influence": "Influence functions (EK-FAC)",
+    "source": "Source (EK-FAC, segments)",
+    "hypothetical_linear": "Hypothetical Simfluence-Linear",
 }
 
 

@@ -44,6 +44,9 @@ def trajectories(true: np.ndarray, preds: Mapping[str, np.ndarray], columns: Seq
   """Figure 1/2: per test example (column), the observed loss vs each simulator's rollout.
 
   true: [T+1, m] observed; preds: label -> [T+1, m]; columns: which test examples.
+  The y-axis frames the observed trajectory (0 to 2x its maximum): a simulator whose rollout
+  leaves that frame (e.g. unscaled influence functions) is clipped, not allowed to flatten
+  every other curve.
   """
   n = len(columns)
   ncols = min(3, n)
@@ -54,6 +57,9 @@ def trajectories(true: np.ndarray, preds: Mapping[str, np.ndarray], columns: Seq
     ax.plot(steps, true[:, col], color=TRUE_COLOR, lw=2.2, label="observed")
     for label, pred in preds.items():
       ax.plot(steps, pred[:, col], color=colors[label], lw=1.3, ls="--", label=label)
+    observed = true[:, col][np.isfinite(true[:, col])]
+    if observed.size:
+      ax.set_ylim(min(0.0, float(observed.min())), 2.0 * float(observed.max()) + 1e-6)
     ax.set_title(_title(title))
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
@@ -110,6 +116,9 @@ def counterfactual(real: np.ndarray, base_real: np.ndarray | None,
     for label, sim in sims.items():
       ax.plot(np.arange(sim.shape[0]), sim[:, j], color=colors[label], lw=1.3, ls="--",
               label=f"{label} (simulated)")
+    observed = real[:, j][np.isfinite(real[:, j])]
+    if observed.size:  # frame the observed run, as in `trajectories`
+      ax.set_ylim(min(0.0, float(observed.min())), 2.0 * float(observed.max()) + 1e-6)
     ax.set_title(_title(titles[j], 50))
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
