@@ -292,7 +292,7 @@ def fit(workspace, fit_runs: Sequence[RunTrace], *, simulator: str,
   pool_ids = list(_pools(task)[0]) if isinstance(task, str) else []
   train_ids = np.unique(np.concatenate(
       [np.asarray(pool_ids, np.int64)] + [np.asarray(r.train_ids, np.int64) for r in fit_runs]))
-  test_ids = simulators._ordered_test_ids(fit_runs)  # pylint: disable=protected-access
+  test_ids = simulators.ordered_test_ids(fit_runs)
   n, m = train_ids.size, test_ids.size
   ckpt_opt = "all" if simulator == "tracin_cp_all" else options.checkpoints
   a_sum, b_sum = np.zeros((m, n)), np.zeros((m, n))

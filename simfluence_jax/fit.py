@@ -13,6 +13,7 @@ from absl import flags
 import gin
 
 from simfluence_jax import baselines
+from simfluence_jax import featurized
 from simfluence_jax import fit_params
 from simfluence_jax import gin_utils
 from simfluence_jax import pipeline
@@ -21,7 +22,8 @@ from simfluence_jax import simulators
 _WORKSPACE = flags.DEFINE_string("workspace", None, "Workspace directory.", required=True)
 _SIMULATOR = flags.DEFINE_enum(
     "simulator", "linear",
-    list(simulators.KINDS) + sorted(simulators.ALIASES) + list(baselines.SIMULATORS),
+    list(simulators.KINDS) + sorted(simulators.ALIASES) + list(baselines.SIMULATORS) +
+    ["featurized"],
     "Which simulator to fit (tracin_ideal is an alias of additive, paper §4.1; "
     f"{', '.join(baselines.SIMULATORS)} are the gradient baselines of baselines.py, which "
     "read the fit runs' checkpoints).")
@@ -36,6 +38,8 @@ _DAMPING = flags.DEFINE_float(
     "damping", None, "influence/source: damping λ of (G + λI)⁻¹ (default 0.1 × mean "
     "EK-FAC eigenvalue).")
 _SEGMENTS = flags.DEFINE_integer("segments", 3, "source: number of training segments L.")
+_RANK = flags.DEFINE_integer("rank", 4, "featurized: rank r of A = U_A V_Aᵀ, B = U_B V_Bᵀ.")
+_STEPS = flags.DEFINE_integer("steps", 3000, "featurized: optax (Adam) steps.")
 _FIT_RUNS = flags.DEFINE_list("fit_runs", None, "Run ids whose transitions are fitted.")
 _FROM_SPLIT = flags.DEFINE_boolean(
     "from_split", False, "Take --fit_runs/--val_runs from <workspace>/experiment.json.")
@@ -78,6 +82,10 @@ def main(argv):
         options=baselines.BaselineOptions(
             checkpoints=ckpts, projection_dim=_PROJECTION_DIM.value, damping=_DAMPING.value,
             segments=_SEGMENTS.value, lam=_LAM.value, lam_grid=tuple(grid)))
+  elif _SIMULATOR.value == "featurized":
+    params, diagnostics = featurized.fit_featurized(
+        fit_runs, rank=_RANK.value, lam=1e-3 if _LAM.value is None else _LAM.value,
+        steps=_STEPS.value, val_runs=val_runs)
   else:
     params, diagnostics = simulators.fit(
         fit_runs, simulator=_SIMULATOR.value, lam=_LAM.value, lam_grid=grid,

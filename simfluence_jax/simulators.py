@@ -42,11 +42,11 @@ def canonical_kind(simulator: str) -> str:
   return kind
 
 
-def _union_ids(arrays: Sequence[np.ndarray]) -> np.ndarray:
+def union_ids(arrays: Sequence[np.ndarray]) -> np.ndarray:
   return np.unique(np.concatenate([np.asarray(a, np.int64) for a in arrays]))
 
 
-def _ordered_test_ids(runs: Sequence[RunTrace]) -> np.ndarray:
+def ordered_test_ids(runs: Sequence[RunTrace]) -> np.ndarray:
   """Test ids in first-seen order across runs (normally all runs share one order)."""
   seen: dict[int, None] = {}
   for run in runs:
@@ -198,8 +198,8 @@ def fit(fit_runs: Sequence[RunTrace], *, simulator: str, lam: float | None = Non
   if overlap:
     raise ValueError(f"runs {sorted(overlap)} are both fit and validation runs")
   t_start = time.perf_counter()
-  train_ids = _union_ids([r.train_ids for r in fit_runs])
-  test_ids = _ordered_test_ids(fit_runs)
+  train_ids = union_ids([r.train_ids for r in fit_runs])
+  test_ids = ordered_test_ids(fit_runs)
   tr = design.build_transitions(fit_runs, train_ids=train_ids, test_ids=test_ids)
   t_built = time.perf_counter()
 
