@@ -110,7 +110,9 @@ def test_recorded_loss_equals_recomputation_from_checkpoint(trained):
   j = 3
   batch = tasks.encode_examples([examples[int(trace.test_ids[j])]], input_length=64,
                                 target_length=16)   # tasks/country_yesno.gin
-  loss = trainer_lib.t5_loss_fn(models.Transformer(config))(
+  use_ia3 = trace.metadata["tuning"] == "ia3"   # the quickstart tunes IA3 vectors
+  assert ("ia3" in variables) == use_ia3
+  loss = trainer_lib.t5_loss_fn(models.Transformer(config, use_ia3=use_ia3))(
       variables, jax.tree.map(jax.numpy.asarray, batch), None)
   np.testing.assert_allclose(trace.losses[step, j], float(loss[0]), rtol=1e-5, atol=1e-6)
 
