@@ -131,7 +131,10 @@ def main():
   # The quickstart protocol (runs/few_shot.gin: 64 examples x 4 epochs / batch 4 = 64 steps).
   gin_utils.parse_gin(["gin_configs/experiments/quickstart.gin"], [
       f'WORKSPACE = "{ws}"', "run_pretraining.num_steps = 20", f"NUM_RUNS = {args.runs}",
-      f"SUBSET_SIZE = {args.steps}", f"run_experiment.num_test_examples = {args.test}"])
+      f"SUBSET_SIZE = {args.steps}", f"run_experiment.num_test_examples = {args.test}",
+      # Full-model tuning (the heavier step; the quickstart itself tunes IA3 vectors).
+      'run_experiment.tuning = "full"', "run_experiment.learning_rate = 1e-3"],
+      skip_unknown=("pipeline",))
   print(json.dumps(pretrain_bin.run_pretraining()), flush=True)
   start = time.perf_counter()
   summary = train_bin.run_experiment()

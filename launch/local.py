@@ -116,6 +116,8 @@ def main(argv: Sequence[str]) -> None:
         "evaluate", ws, f"--fit={sim}", "--from_split", "--unseen=mean"))
   if done("evaluate"):
     return
+  if config.study:
+    stages.run("study", lambda: binary("study", ws))
   if config.counterfactuals:
     fit_name = "linear" if "linear" in config.simulators else config.simulators[0]
 

@@ -70,6 +70,8 @@ def plan(workspace: str, gin_args: Sequence[str], *, num_runs: int, shards: int,
                  for s in config.simulators])
   stages.append([{"name": f"evaluate_{s}", "module": "evaluate",
                   "args": [ws, f"--fit={s}", "--from_split", "--unseen=mean"]} for s in config.simulators])
+  if config.study:
+    stages.append([{"name": "study", "module": "study", "args": [ws]}])
   stages.append([{"name": "report", "module": "report", "args": [ws]}])
   return stages
 

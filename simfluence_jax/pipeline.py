@@ -42,6 +42,7 @@ SIMULATOR_LABELS = {
     "influence": "Influence functions (EK-FAC)",
     "source": "Source (EK-FAC, segments)",
     "hypothetical_linear": "Hypothetical Simfluence-Linear",
+    "featurized": "Featurized Simfluence (rank 4)",
 }
 
 
@@ -56,6 +57,7 @@ class PipelineConfig:
     simulators: simulators to fit and score, by `simfluence_jax.fit --simulator` name.
     lam_grid: λ candidates (chosen by validation all-steps MSE).
     counterfactuals: whether to retrain edited curricula for the counterfactual check.
+    study: whether to run the data-efficiency study (Linear vs featurized, 2..20 past runs).
     num_removed: how many top proponents the "remove" question removes.
     num_duplicates: how many times the "duplicate" question repeats one example.
   """
@@ -66,6 +68,7 @@ class PipelineConfig:
   simulators: tuple[str, ...] = ("linear", "additive", "multiplicative")
   lam_grid: tuple[float, ...] = _DEFAULT_LAM_GRID
   counterfactuals: bool = True
+  study: bool = True
   num_removed: int = 10
   num_duplicates: int = 10
 

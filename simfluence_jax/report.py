@@ -340,6 +340,25 @@ def _counterfactual_section(page, workspace, fits, cf_runs, colors, test_example
   page.para("Δ = mean final test loss of the edited run − of its base run.")
 
 
+def _study_section(page, workspace: pathlib.Path):
+  """7. The data-efficiency study (simfluence_jax.study), when the pipeline ran it."""
+  path = workspace / "study" / "data_efficiency.json"
+  if not path.exists():
+    return
+  rows = _read_json(path)["rows"]
+  page.heading("7. Data efficiency: held-out accuracy vs number of past runs")
+  page.para("Simfluence-Linear (one simulator per test example, 2n parameters each) vs the "
+            "featurized simulator (rank-4 factors shared across test examples), fitted on "
+            "the first N fit runs and scored on the held-out runs. 'unseen' counts held-out "
+            "train examples the N-run fit never saw (imputed by the mean of seen ones).")
+  page.table(["past runs", "simulator", "all-steps MSE", "final-step Spearman", "unseen",
+              "fit s"],
+             [[str(r["num_runs"]), r["simulator"],
+               format_pm({"mean": r["mse_mean"], "std": r["mse_std"]}),
+               format_pm({"mean": r["spearman_mean"], "std": r["spearman_std"]}),
+               str(r["num_unseen_train_ids"]), format_number(r["fit_s"])] for r in rows])
+
+
 def _quality_section(page, fits):
   page.heading("6. Data-quality notes (identifiability, Appendix A.2)")
   any_note = False
@@ -390,6 +409,7 @@ def write_report(workspace, output_dir=None) -> dict:
   _attribution_section(page, best, heldout_runs[0], cols, train_examples, test_examples)
   _counterfactual_section(page, workspace, fits, cf_runs, colors, test_examples)
   _quality_section(page, fits)
+  _study_section(page, workspace)
 
   title = html.escape((experiment or {}).get("name") or workspace.name)
   doc = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Simfluence: {title}"

@@ -127,7 +127,7 @@ def test_xm_launch_dry_run_plans_the_same_stages(tmp_path):
   assert names[2] == ["merge"] and names[3] == ["split"]
   assert names[4] == [f"fit_{s}" for s in ("linear", "additive", "multiplicative",
                                             "tracin_cp", "influence", "source",
-                                            "hypothetical_linear")]
+                                            "hypothetical_linear", "featurized")]
   assert names[5] == [f"evaluate_{s[4:]}" for s in names[4]]
   assert names[-1] == ["report"]
 
@@ -151,3 +151,24 @@ def test_local_pipeline_end_to_end_and_rerun_skips(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert again.stdout.count("finished earlier, skipped") >= 9, again.stdout
   assert ": running" not in again.stdout
+
+
+def test_study_binary_writes_the_library_table(tmp_path):
+  """The study stage is data_efficiency.study on the recorded split (see its own tests)."""
+  from simfluence_jax import data_efficiency
+  _planted_workspace(tmp_path, num_runs=6)
+  pipeline.write_split(tmp_path, pipeline.PipelineConfig(num_fit=4, num_val=0))
+  res = subprocess.run([sys.executable, "-m", "simfluence_jax.study",
+                        f"--workspace={tmp_path}", "--num_runs=2,4,9"],
+                       capture_output=True, text=True, env=_env(), timeout=300)
+  assert res.returncode == 0, res.stderr
+  rows = json.loads((tmp_path / "study" / "data_efficiency.json").read_text())["rows"]
+  assert [(r["num_runs"], r["simulator"]) for r in rows] == [
+      (2, "linear"), (2, "featurized"), (4, "linear"), (4, "featurized")]  # 9 > 4: skipped
+  split = pipeline.read_experiment(tmp_path)["split"]
+  want = data_efficiency.study(simulators.read_runs(tmp_path, split["fit"]),
+                               simulators.read_runs(tmp_path, split["heldout"]),
+                               num_runs_list=[2], simulators=("linear",))
+  assert rows[0]["mse_mean"] == pytest.approx(want[0]["mse_mean"], rel=1e-6)
+  assert (tmp_path / "study" / "data_efficiency.md").read_text().strip() == \
+      data_efficiency.markdown_table(rows).strip()
