@@ -390,17 +390,9 @@ def _fit_hypothetical_linear(rows, train_ids, test_ids, val_runs, options, diag)
     if not val_runs:
       raise ValueError("hypothetical_linear: give lam or validation runs to choose it")
     grid = sorted(float(x) for x in options.lam_grid)
-    best = None
-    for lam, (a, b) in zip(grid, ridge.solve_path(tr, kind="linear", lams=grid)):
-      cand = as_params(a, b, lam)
-      score = float(np.mean([metrics.all_steps_mse(simulators.simulate_run(cand, r), r.losses)
-                             for r in val_runs]))
-      scores[repr(lam)] = score
-      if np.isfinite(score) and (best is None or score < best[0]):
-        best = (score, cand)
-    if best is None:
-      raise ValueError(f"hypothetical_linear: every λ in {grid} gave a non-finite MSE")
-    params = best[1]
+    params, scores = simulators.select_by_validation(
+        [as_params(a, b, lam) for lam, (a, b) in
+         zip(grid, ridge.solve_path(tr, kind="linear", lams=grid))], val_runs)
   diag.update({"kind": "linear", "lam": params.lam, "validation_mse": scores,
                "val_runs": [r.run_id for r in val_runs],
                "num_transitions": int(batches.shape[0])})

@@ -39,6 +39,13 @@ def _title(text: str, width: int = 42, lines: int = 2) -> str:
   return "\n".join(textwrap.wrap(text, width)[:lines]) or "(no text)"
 
 
+def _frame(ax, observed: np.ndarray) -> None:
+  """y from min(0, observed) to 2x the observed maximum: off-scale simulators are clipped."""
+  observed = observed[np.isfinite(observed)]
+  if observed.size:
+    ax.set_ylim(min(0.0, float(observed.min())), 2.0 * float(observed.max()) + 1e-6)
+
+
 def trajectories(true: np.ndarray, preds: Mapping[str, np.ndarray], columns: Sequence[int],
                  titles: Sequence[str], colors: Mapping[str, str]) -> bytes:
   """Figure 1/2: per test example (column), the observed loss vs each simulator's rollout.
@@ -57,9 +64,7 @@ def trajectories(true: np.ndarray, preds: Mapping[str, np.ndarray], columns: Seq
     ax.plot(steps, true[:, col], color=TRUE_COLOR, lw=2.2, label="observed")
     for label, pred in preds.items():
       ax.plot(steps, pred[:, col], color=colors[label], lw=1.3, ls="--", label=label)
-    observed = true[:, col][np.isfinite(true[:, col])]
-    if observed.size:
-      ax.set_ylim(min(0.0, float(observed.min())), 2.0 * float(observed.max()) + 1e-6)
+    _frame(ax, true[:, col])
     ax.set_title(_title(title))
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
@@ -116,9 +121,7 @@ def counterfactual(real: np.ndarray, base_real: np.ndarray | None,
     for label, sim in sims.items():
       ax.plot(np.arange(sim.shape[0]), sim[:, j], color=colors[label], lw=1.3, ls="--",
               label=f"{label} (simulated)")
-    observed = real[:, j][np.isfinite(real[:, j])]
-    if observed.size:  # frame the observed run, as in `trajectories`
-      ax.set_ylim(min(0.0, float(observed.min())), 2.0 * float(observed.max()) + 1e-6)
+    _frame(ax, real[:, j])
     ax.set_title(_title(titles[j], 50))
     ax.set_xlabel("step")
     ax.set_ylabel("loss")

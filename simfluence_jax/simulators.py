@@ -222,16 +222,8 @@ def fit(fit_runs: Sequence[RunTrace], *, simulator: str, lam: float | None = Non
       raise ValueError(f"lam_grid must be non-empty and non-negative, got {lam_grid}")
     path = ridge.solve_path(tr, kind=kind, lams=grid, chunk_size=chunk_size)
     t_solved = time.perf_counter()
-    best = None
-    for lam_value, (a, b) in zip(grid, path):
-      candidate = as_params(a, b, lam_value)
-      score = _validation_mse(candidate, val_runs)
-      val_scores[repr(lam_value)] = score
-      if np.isfinite(score) and (best is None or score < best[0]):
-        best = (score, candidate)
-    if best is None:
-      raise ValueError(f"every λ in {grid} gave a non-finite validation MSE")
-    params = best[1]
+    params, val_scores = select_by_validation(
+        [as_params(a, b, lam_value) for lam_value, (a, b) in zip(grid, path)], val_runs)
   t_done = time.perf_counter()
 
   diagnostics = {
@@ -254,6 +246,25 @@ def fit(fit_runs: Sequence[RunTrace], *, simulator: str, lam: float | None = Non
       },
   }
   return params, diagnostics
+
+
+def select_by_validation(candidates: Sequence[FitParams], val_runs: Sequence[RunTrace]
+                         ) -> tuple[FitParams, dict[str, float]]:
+  """The candidate (one per λ) with the lowest mean all-steps MSE of rollouts on `val_runs`.
+
+  Returns (best, {repr(λ): validation MSE}); non-finite scores never win.
+  """
+  scores: dict[str, float] = {}
+  best = None
+  for candidate in candidates:
+    score = _validation_mse(candidate, val_runs)
+    scores[repr(candidate.lam)] = score
+    if np.isfinite(score) and (best is None or score < best[0]):
+      best = (score, candidate)
+  if best is None:
+    raise ValueError(f"every λ in {[c.lam for c in candidates]} gave a non-finite "
+                     "validation MSE")
+  return best[1], scores
 
 
 def _identifiability_by_id(tr, train_ids: np.ndarray, test_ids: np.ndarray) -> dict:
