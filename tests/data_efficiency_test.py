@@ -14,7 +14,8 @@ from simfluence_jax import design
 from simfluence_jax import featurized
 from simfluence_jax import ridge
 from simfluence_jax import simulators
-from simfluence_jax.traces import RunTrace
+
+import planted_traces
 
 M, N, K, T, SIGMA = 20, 30, 4, 20, 0.01
 TRAIN_IDS = np.arange(N, dtype=np.int64) * 5 + 3
@@ -22,30 +23,13 @@ TEST_IDS = np.arange(M, dtype=np.int64) + 40
 
 
 def _planted(seed=0):
-  rng = np.random.default_rng(seed)
-  ua = np.stack([1 + 0.05 * rng.standard_normal(M), rng.standard_normal(M)], 1)
-  va = np.stack([0.2 + 0.01 * rng.standard_normal(N), 0.02 * rng.standard_normal(N)], 1)
-  ub = np.stack([1 + 0.2 * rng.standard_normal(M), rng.standard_normal(M)], 1)
-  vb = np.stack([0.02 + 0.005 * rng.standard_normal(N), 0.01 * rng.standard_normal(N)], 1)
-  return ua @ va.T, ub @ vb.T
+  return planted_traces.rank2(M, N, seed)
 
 
 def _runs(a, b, *, num_runs, seed, prefix, pool=N):
-  """Runs drawing only from the first `pool` train positions (their train_ids say so)."""
-  rng = np.random.default_rng(seed)
-  out = []
-  for r in range(num_runs):
-    pos = np.stack([rng.choice(pool, K, replace=False) for _ in range(T)])
-    losses = np.empty((T + 1, M))
-    losses[0] = rng.uniform(1.5, 3.0, M)
-    for t in range(T):
-      losses[t + 1] = (a[:, pos[t]].sum(1) * losses[t] + b[:, pos[t]].sum(1)
-                       + SIGMA * rng.standard_normal(M))
-    out.append(RunTrace(run_id=f"{prefix}{r}", train_ids=TRAIN_IDS[:pool],
-                        test_ids=TEST_IDS, batch_size=K,
-                        curriculum=TRAIN_IDS[pos].astype(np.int32),
-                        losses=losses.astype(np.float32), metadata={}))
-  return out
+  return planted_traces.linear_runs(a, b, train_ids=TRAIN_IDS, test_ids=TEST_IDS,
+                                    num_runs=num_runs, steps=T, batch=K, sigma=SIGMA,
+                                    seed=seed, prefix=prefix, pool=pool)
 
 
 def _loop_mse(a, b, run):

@@ -13,34 +13,21 @@ from simfluence_jax import simulators
 from simfluence_jax.fit_params import FitParams
 from simfluence_jax.traces import RunTrace
 
+import planted_traces
+
 M, N, K, T, SIGMA = 30, 40, 4, 25, 0.01
 TRAIN_IDS = np.arange(N, dtype=np.int64) * 2 + 11
 TEST_IDS = np.arange(M, dtype=np.int64) + 900
 
 
 def _planted(seed=0):
-  rng = np.random.default_rng(seed)
-  ua = np.stack([1 + 0.05 * rng.standard_normal(M), rng.standard_normal(M)], 1)
-  va = np.stack([0.2 + 0.01 * rng.standard_normal(N), 0.02 * rng.standard_normal(N)], 1)
-  ub = np.stack([1 + 0.2 * rng.standard_normal(M), rng.standard_normal(M)], 1)
-  vb = np.stack([0.02 + 0.005 * rng.standard_normal(N), 0.01 * rng.standard_normal(N)], 1)
-  return ua @ va.T, ub @ vb.T          # exactly rank 2 each; α ≈ 0.8 per step (k = 4)
+  return planted_traces.rank2(M, N, seed)
 
 
-def _runs(a, b, *, num_runs, seed, prefix):
-  rng = np.random.default_rng(seed)
-  out = []
-  for r in range(num_runs):
-    pos = np.stack([rng.choice(N, K, replace=False) for _ in range(T)])
-    losses = np.empty((T + 1, M))
-    losses[0] = rng.uniform(1.5, 3.0, M)
-    for t in range(T):
-      losses[t + 1] = (a[:, pos[t]].sum(1) * losses[t] + b[:, pos[t]].sum(1)
-                       + SIGMA * rng.standard_normal(M))
-    out.append(RunTrace(run_id=f"{prefix}{r}", train_ids=TRAIN_IDS, test_ids=TEST_IDS,
-                        batch_size=K, curriculum=TRAIN_IDS[pos].astype(np.int32),
-                        losses=losses.astype(np.float32), metadata={}))
-  return out
+def _runs(a, b, *, num_runs, seed, prefix, pool=N):
+  return planted_traces.linear_runs(a, b, train_ids=TRAIN_IDS, test_ids=TEST_IDS,
+                                    num_runs=num_runs, steps=T, batch=K, sigma=SIGMA,
+                                    seed=seed, prefix=prefix, pool=pool)
 
 
 def _truth(a, b):
@@ -146,27 +133,10 @@ def _restrict(runs, pool):
                    metadata={}) for r in runs]
 
 
-def _runs_from_pool(a, b, *, num_runs, seed, prefix, pool):
-  rng = np.random.default_rng(seed)
-  out = []
-  for r in range(num_runs):
-    pos = np.stack([rng.choice(pool, K, replace=False) for _ in range(T)])
-    losses = np.empty((T + 1, M))
-    losses[0] = rng.uniform(1.5, 3.0, M)
-    for t in range(T):
-      losses[t + 1] = (a[:, pos[t]].sum(1) * losses[t] + b[:, pos[t]].sum(1)
-                       + SIGMA * rng.standard_normal(M))
-    out.append(RunTrace(run_id=f"{prefix}{r}", train_ids=TRAIN_IDS[:pool],
-                        test_ids=TEST_IDS, batch_size=K,
-                        curriculum=TRAIN_IDS[pos].astype(np.int32),
-                        losses=losses.astype(np.float32), metadata={}))
-  return out
-
-
 def test_features_simulate_unseen_train_examples(tmp_path):
   a, b, feats = _planted_featurized()
-  fit_runs = _runs_from_pool(a, b, num_runs=4, seed=1, prefix="f", pool=28)  # 12 unseen
-  heldout = _runs_from_pool(a, b, num_runs=4, seed=2, prefix="h", pool=N)
+  fit_runs = _runs(a, b, num_runs=4, seed=1, prefix="f", pool=28)  # 12 unseen
+  heldout = _runs(a, b, num_runs=4, seed=2, prefix="h", pool=N)
   floor = simulators.evaluate(_truth(a, b), heldout)["mse"]["mean"]
   by_id = {int(i): f for i, f in zip(TRAIN_IDS, feats)}
   params, diag = featurized.fit_featurized(fit_runs, rank=2, lam=1e-2, seed=0,

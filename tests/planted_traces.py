@@ -1,0 +1,39 @@
+"""Planted Simfluence-Linear traces shared by the featurized / data-efficiency tests.
+
+A known simulator (A, B) generates every run, so a fit can be judged against the truth.
+"""
+
+import numpy as np
+
+from simfluence_jax.traces import RunTrace
+
+
+def rank2(m: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """A, B [m, n], each exactly rank 2; α ≈ 0.8 per step at batch size 4."""
+  rng = np.random.default_rng(seed)
+  ua = np.stack([1 + 0.05 * rng.standard_normal(m), rng.standard_normal(m)], 1)
+  va = np.stack([0.2 + 0.01 * rng.standard_normal(n), 0.02 * rng.standard_normal(n)], 1)
+  ub = np.stack([1 + 0.2 * rng.standard_normal(m), rng.standard_normal(m)], 1)
+  vb = np.stack([0.02 + 0.005 * rng.standard_normal(n), 0.01 * rng.standard_normal(n)], 1)
+  return ua @ va.T, ub @ vb.T
+
+
+def linear_runs(a, b, *, train_ids, test_ids, num_runs, steps, batch, sigma, seed, prefix,
+                pool=None) -> list[RunTrace]:
+  """Runs of L_t = α(c_t) L_{t-1} + β(c_t) + N(0, sigma²), batches drawn without
+  replacement from the first `pool` train positions (their train_ids say so)."""
+  m, n = a.shape
+  pool = n if pool is None else pool
+  rng = np.random.default_rng(seed)
+  out = []
+  for r in range(num_runs):
+    pos = np.stack([rng.choice(pool, batch, replace=False) for _ in range(steps)])
+    losses = np.empty((steps + 1, m))
+    losses[0] = rng.uniform(1.5, 3.0, m)
+    for t in range(steps):
+      losses[t + 1] = (a[:, pos[t]].sum(1) * losses[t] + b[:, pos[t]].sum(1)
+                       + sigma * rng.standard_normal(m))
+    out.append(RunTrace(run_id=f"{prefix}{r}", train_ids=train_ids[:pool], test_ids=test_ids,
+                        batch_size=batch, curriculum=train_ids[pos].astype(np.int32),
+                        losses=losses.astype(np.float32), metadata={}))
+  return out
