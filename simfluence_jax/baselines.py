@@ -11,8 +11,18 @@ G [n, D], H [m, D] stack them (gradients.py: exact IA3 or JL-projected full-mode
                         paper (§5) rescales each predicted trajectory by the optimal σ at
                         evaluation: `evaluate_rescaled` (uses the ground truth, flagged).
   Influence (§4.3):     B_i(z) = −g_iᵀ (Ĝ + λI)⁻¹ g_z at the final checkpoint θ_T, Ĝ the
-                        EK-FAC curvature (ekfac.py, block form) of the train examples'
-                        gradients; averaged over fit runs.
+                        EK-FAC curvature (ekfac.py) of the train examples' gradients;
+                        averaged over fit runs. Two curvature forms (`curvature`):
+          "blocks"      (default) each IA3 vector, or the JL-projected full gradient, is one
+                        exact block (ekfac.fit_blocks);
+          "ekfac_dense" full tuning only: true EK-FAC over the T5 dense kernels (attention
+                        query/key/value/out, MLP wi_0/wi_1/wo, logits_dense): per kernel
+                        K-FAC factors A, S from token-level inputs and output gradients of
+                        the train examples (gradients.kfac_factors), their eigenbases, and
+                        the eigenvalue correction from the exact (unprojected) per-example
+                        kernel gradients. Embeddings, RMSNorm scales and relative-position
+                        tables are left out: g_i and g_z enter only through their dense-
+                        kernel coordinates (B is the influence within that subspace).
   Source (Bae et al. 2024, §3, "segment-wise stationary" approximation of unrolling):
         split the checkpoints into L consecutive segments; segment ℓ spans K_ℓ steps with
         learning rate η, curvature H̄_ℓ (EK-FAC over the gradients of all its checkpoints)
@@ -22,7 +32,9 @@ G [n, D], H [m, D] stack them (gradients.py: exact IA3 or JL-projected full-mode
         (Bae et al.'s closed form for the parameter change of the unrolled, segment-wise
         stationary dynamics; we could not re-read the paper's equation number in this
         environment — the formula above is what is implemented.) One segment with
-        ηK → ∞ gives (H̄ + δI)⁻¹ ḡ: influence functions (tested).
+        ηK → ∞ gives (H̄ + δI)⁻¹ ḡ: influence functions (tested). With curvature="ekfac_dense",
+        H̄_ℓ is the dense-kernel EK-FAC with A, S averaged over the segment's checkpoints
+        and Λ* from all their per-example kernel gradients.
   Hypothetical Simfluence-Linear (Eq. 10): the linear simulator's ridge objective over the
         fit runs' checkpoint steps s, with the observed next loss replaced by the
         hypothetical one of the real batch c_{s+1} taken by batch-mean SGD:
@@ -54,6 +66,7 @@ from simfluence_jax.fit_params import FitParams
 from simfluence_jax.traces import RunTrace, TraceError
 
 SIMULATORS = ("tracin_cp", "tracin_cp_all", "influence", "source", "hypothetical_linear")
+CURVATURES = ("blocks", "ekfac_dense")
 RESCALE_NOTE = "optimal_sigma_uses_ground_truth"
 
 
@@ -62,7 +75,9 @@ class BaselineOptions:
   """checkpoints: "available" (every saved checkpoint of a run), "tracin" (the trainer's
   `num_tracin_checkpoints` evenly spaced steps incl. T), "all" (every step 1..T) or explicit
   steps; a requested checkpoint that was not saved is an error. projection_dim: None = exact for IA3 tuning,
-  `default_full_projection` for full tuning. damping: None = 0.1 × mean eigenvalue."""
+  `default_full_projection` for full tuning. damping: None = 0.1 × mean eigenvalue.
+  curvature (influence, source): "blocks" or "ekfac_dense" (module docstring; full tuning
+  only, gradients exact: projection_dim must be None)."""
   checkpoints: str | tuple = "available"
   num_tracin_checkpoints: int = 10
   projection_dim: int | None = None
@@ -73,6 +88,7 @@ class BaselineOptions:
   lam: float | None = None
   lam_grid: tuple = simulators.DEFAULT_LAM_GRID
   chunk_size: int = 16
+  curvature: str = "blocks"
 
 
 # ------------------------------------------------------------------------ pure score maths
@@ -86,22 +102,37 @@ def tracin_cp_scores(per_checkpoint: Sequence[tuple[float, np.ndarray, np.ndarra
   return -total / len(per_checkpoint)
 
 
+def _curvature(grads, bounds, factors):
+  """Block EK-FAC (factors None; bounds [(start, stop)]) or dense-kernel EK-FAC (factors
+  [(A, S)] per kernel; bounds [(start, stop, din, dout)]) of grads [N, D]."""
+  if factors is None:
+    return ekfac.fit_blocks(jnp.asarray(grads), bounds)
+  return ekfac.fit_kernels([(jnp.asarray(a), jnp.asarray(s)) for a, s in factors],
+                           jnp.asarray(grads), bounds)
+
+
 def influence_scores(g_train: np.ndarray, g_test: np.ndarray, curvature_grads: np.ndarray,
-                     *, bounds, damping: float | None) -> tuple[np.ndarray, float]:
-  """B = −H (Ĝ + δI)⁻¹ Gᵀ [m, n] with block EK-FAC Ĝ from `curvature_grads` [N, D]."""
-  state = ekfac.fit_blocks(jnp.asarray(curvature_grads), bounds)
+                     *, bounds, damping: float | None, factors=None
+                     ) -> tuple[np.ndarray, float]:
+  """B = −H (Ĝ + δI)⁻¹ Gᵀ [m, n] with EK-FAC Ĝ from `curvature_grads` [N, D]: block form
+  (factors None), or over dense kernels (factors [(A, S)], bounds [(start, stop, din, dout)];
+  columns outside the kernels then contribute nothing)."""
+  state = _curvature(curvature_grads, bounds, factors)
   damping = ekfac.default_damping(state) if damping is None else float(damping)
-  solved = ekfac.block_apply_spectral(state, jnp.asarray(g_train), ekfac.inverse(damping))
+  solved = ekfac.apply_spectral(state, jnp.asarray(g_train), ekfac.inverse(damping))
   return -np.asarray(g_test, np.float64) @ np.asarray(solved, np.float64).T, damping
 
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
   """One Source segment: η, steps spanned K, and the train gradients [C, n, D] at its
-  C checkpoints (curvature and mean gradient both come from them)."""
+  C checkpoints (curvature and mean gradient both come from them). factors: None (block
+  EK-FAC) or per-kernel K-FAC (A, S) averaged over the C checkpoints (dense-kernel EK-FAC;
+  `bounds` of source_scores are then (start, stop, din, dout))."""
   eta: float
   num_steps: int
   train_grads: np.ndarray
+  factors: tuple | None = None
 
 
 def source_scores(segments: Sequence[Segment], g_test: np.ndarray, *, bounds,
@@ -110,15 +141,15 @@ def source_scores(segments: Sequence[Segment], g_test: np.ndarray, *, bounds,
   delta, used = None, None
   for seg in segments:
     grads = jnp.asarray(seg.train_grads)                              # [C, n, D]
-    state = ekfac.fit_blocks(grads.reshape(-1, grads.shape[-1]), bounds)
+    state = _curvature(grads.reshape(-1, grads.shape[-1]), bounds, seg.factors)
     dmp = ekfac.default_damping(state) if damping is None else float(damping)
     used = dmp if used is None else used
     horizon = float(seg.eta) * float(seg.num_steps)
     curv = lambda eig, d=dmp: jnp.maximum(eig, 0.0) + d
     decay = lambda eig, h=horizon, c=curv: jnp.exp(-h * c(eig))
     resolvent = lambda eig, h=horizon, c=curv: -jnp.expm1(-h * c(eig)) / c(eig)
-    r = ekfac.block_apply_spectral(state, grads.mean(axis=0), resolvent)   # [n, D]
-    delta = r if delta is None else ekfac.block_apply_spectral(state, delta, decay) + r
+    r = ekfac.apply_spectral(state, grads.mean(axis=0), resolvent)   # [n, D]
+    delta = r if delta is None else ekfac.apply_spectral(state, delta, decay) + r
   if delta is None:
     raise ValueError("Source needs at least one segment")
   return -np.asarray(g_test, np.float64) @ np.asarray(delta, np.float64).T, used
@@ -186,6 +217,19 @@ def _loss_fn(config, use_ia3: bool):
   return trainer.t5_loss_fn(models.Transformer(config, use_ia3=use_ia3))
 
 
+@functools.lru_cache(maxsize=8)
+def _model(config, use_ia3: bool):
+  from simfluence_jax import models  # pylint: disable=g-import-not-at-top
+  return models.Transformer(config, use_ia3=use_ia3)
+
+
+def mean_factors(per_checkpoint: Sequence[Sequence[tuple]]) -> tuple:
+  """[checkpoint][kernel] (A, S) -> per kernel (mean A, mean S) over checkpoints."""
+  return tuple((np.mean([c[k][0] for c in per_checkpoint], axis=0),
+                np.mean([c[k][1] for c in per_checkpoint], axis=0))
+               for k in range(len(per_checkpoint[0])))
+
+
 @functools.lru_cache(maxsize=4)
 def _pools(task: str):
   from simfluence_jax import tasks  # pylint: disable=g-import-not-at-top
@@ -203,8 +247,17 @@ class RunGradients:
     where = f"run {run.run_id!r}"
     config, use_ia3, li, lt, task, self.eta = model_settings(run.metadata, where)
     self.loss_fn = _loss_fn(config, use_ia3)
+    self.model = _model(config, use_ia3)
+    self.curvature = options.curvature
     dim = options.projection_dim
-    if dim is None and not use_ia3:
+    if options.curvature == "ekfac_dense":
+      if use_ia3:
+        raise TraceError(f"{where}: curvature='ekfac_dense' is for full fine-tuning (tuning "
+                         "'full'); this run tuned IA3 vectors — use curvature='blocks'")
+      if dim is not None:
+        raise ValueError(f"curvature='ekfac_dense' needs exact kernel gradients; got "
+                         f"projection_dim={dim} (leave --projection_dim unset)")
+    elif dim is None and not use_ia3:
       dim = options.default_full_projection
     self.spec = gradients.GradientSpec(collection="ia3" if use_ia3 else "params",
                                        projection_dim=dim, seed=options.projection_seed,
@@ -221,6 +274,7 @@ class RunGradients:
         [pool[int(i)] for i in ids], input_length=li, target_length=lt)
     self.batches = {"train": encode(train_ids, train_pool), "test": encode(test_ids, test_pool)}
     self._bounds = None
+    self._factors = {}
 
   def steps(self, checkpoints_opt, num_tracin: int = 10) -> list[int]:
     from simfluence_jax import trainer  # pylint: disable=g-import-not-at-top
@@ -260,6 +314,25 @@ class RunGradients:
            for split in ("train", "test")]
     return out[0], out[1]
 
+  def kernel_factors(self, step: int) -> tuple[list, list]:
+    """Dense-kernel EK-FAC inputs at checkpoint `step`: (bounds [(start, stop, din, dout)]
+    in the exact "params" gradient, per-kernel K-FAC (A, S) over the train examples)."""
+    if step not in self._factors:
+      from simfluence_jax import checkpoints  # pylint: disable=g-import-not-at-top
+      variables = checkpoints.load_variables(self.root, step)
+      kernels, factors = gradients.kfac_factors(self.model, variables, self.batches["train"],
+                                                chunk_size=self.spec.chunk_size)
+      self._factors[step] = (gradients.kernel_bounds(kernels, variables["params"]), factors)
+    return self._factors[step]
+
+  def curvature_inputs(self, steps: Sequence[int], dim: int) -> tuple[list, tuple | None]:
+    """(bounds, factors) for influence_scores / Segment: the block form (factors None), or
+    dense-kernel EK-FAC with K-FAC factors averaged over `steps`."""
+    if self.curvature != "ekfac_dense":
+      return self.bounds(dim), None
+    per = [self.kernel_factors(s) for s in steps]
+    return per[0][0], mean_factors([f for _, f in per])
+
   def bounds(self, dim: int) -> list[tuple[int, int]]:
     """EK-FAC blocks: one per IA3 vector (exact gradients) or one projected block."""
     if self.spec.projection_dim is not None:
@@ -285,6 +358,8 @@ def fit(workspace, fit_runs: Sequence[RunTrace], *, simulator: str,
     raise ValueError(f"unknown baseline {simulator!r}; expected one of {SIMULATORS}")
   if not fit_runs:
     raise ValueError("a baseline needs at least one fit run (its checkpoints)")
+  if options.curvature not in CURVATURES:
+    raise ValueError(f"unknown curvature {options.curvature!r}; expected one of {CURVATURES}")
   t0 = time.perf_counter()
   # Gradients can score any train example, so the simulator covers the task's whole train
   # pool (held-out runs may draw subsets the fit runs never saw), plus any other run id.
@@ -298,6 +373,8 @@ def fit(workspace, fit_runs: Sequence[RunTrace], *, simulator: str,
   a_sum, b_sum = np.zeros((m, n)), np.zeros((m, n))
   diag = {"simulator": simulator, "fit_runs": [r.run_id for r in fit_runs],
           "num_train": int(n), "num_test": int(m), "checkpoints": {}}
+  if simulator in ("influence", "source"):
+    diag["curvature"] = options.curvature
   rows = []                                          # hypothetical_linear transitions
   for run in fit_runs:
     rg = RunGradients(workspace, run, train_ids=train_ids, test_ids=test_ids, options=options)
@@ -309,18 +386,19 @@ def fit(workspace, fit_runs: Sequence[RunTrace], *, simulator: str,
       b_sum += tracin_cp_scores([(rg.eta, *rg.at(s)) for s in steps])
     elif simulator == "influence":
       g_tr, g_te = rg.at(steps[-1])
-      b, diag["damping"] = influence_scores(g_tr, g_te, g_tr, bounds=rg.bounds(g_tr.shape[1]),
-                                            damping=options.damping)
+      bounds, factors = rg.curvature_inputs(steps[-1:], g_tr.shape[1])
+      b, diag["damping"] = influence_scores(g_tr, g_te, g_tr, bounds=bounds,
+                                            damping=options.damping, factors=factors)
       b_sum += b
     elif simulator == "source":
-      segs, prev_end = [], 0
+      segs, prev_end, bounds = [], 0, None
       for part in split_segments(steps, options.segments):
         grads = np.stack([rg.at(s)[0] for s in part])
-        segs.append(Segment(rg.eta, part[-1] - prev_end, grads))
+        bounds, factors = rg.curvature_inputs(part, grads.shape[-1])
+        segs.append(Segment(rg.eta, part[-1] - prev_end, grads, factors))
         prev_end = part[-1]
       g_te = rg.at(steps[-1])[1]
-      b, diag["damping"] = source_scores(segs, g_te, bounds=rg.bounds(g_te.shape[1]),
-                                         damping=options.damping)
+      b, diag["damping"] = source_scores(segs, g_te, bounds=bounds, damping=options.damping)
       diag.setdefault("segments", {})[run.run_id] = [
           {"steps": [int(s) for s in p], "num_steps": int(sg.num_steps)}
           for p, sg in zip(split_segments(steps, options.segments), segs)]
@@ -399,6 +477,6 @@ def _fit_hypothetical_linear(rows, train_ids, test_ids, val_runs, options, diag)
   return params, diag
 
 
-__all__ = ["SIMULATORS", "BaselineOptions", "tracin_cp_scores", "influence_scores",
+__all__ = ["SIMULATORS", "CURVATURES", "BaselineOptions", "mean_factors", "tracin_cp_scores", "influence_scores",
            "Segment", "source_scores", "split_segments", "evaluate_rescaled",
            "model_settings", "RunGradients", "fit"]

@@ -3,16 +3,28 @@
 Curvature G is the empirical Fisher / Gauss–Newton proxy of the training loss,
 G = (1/N) Σ_n g_n g_nᵀ over per-example gradients g_n (float64 here throughout).
 
-1. Dense layers (`fit_dense`), s = [a, 1] W with W [din+1, dout] (bias as the last row).
-   Per example n with input activation a_n and output gradient δ_n = ∂L_n/∂s_n (one
-   position per example), the weight gradient is exactly G_n = ā_n δ_nᵀ. K-FAC:
-       A = (1/N) Σ ā_n ā_nᵀ = Q_A Λ_A Q_Aᵀ,   S = (1/N) Σ δ_n δ_nᵀ = Q_S Λ_S Q_Sᵀ,
-   layer block of G ≈ A ⊗ S, eigenbasis Q_A ⊗ Q_S. EK-FAC replaces Λ_A ⊗ Λ_S by the
+1. Dense layers (`fit_dense`, `fit_kfac`), s = a W with W [din, dout] (for the tiny MLP
+   a = ā = [h, 1], bias as the last row of W [din+1, dout]). Per example n, at its token
+   positions t = 1..T, with inputs a_nt [din] and output gradients δ_nt = ∂L_n/∂s_nt [dout]
+   (T = 1 for the MLP: acts [N, din], deltas [N, dout]; T5 kernels: acts [N, T, din],
+   deltas [N, T, dout], gradients.dense_kernel_statistics), the weight gradient is exactly
+       G_n = Σ_t a_nt δ_ntᵀ                                             [din, dout].
+   K-FAC factors, normalised per example (sum over tokens, mean over examples):
+       A = (1/N) Σ_n Σ_t a_nt a_ntᵀ = Q_A Λ_A Q_Aᵀ,   S = (1/N) Σ_n Σ_t δ_nt δ_ntᵀ = Q_S Λ_S Q_Sᵀ,
+   layer block of G ≈ A ⊗ S, eigenbasis Q_A ⊗ Q_S (any rescaling of A or S, e.g. by 1/T,
+   leaves the basis and hence EK-FAC unchanged). EK-FAC replaces Λ_A ⊗ Λ_S by the
    per-example second moments in that basis (the eigenvalue correction):
-       Λ*[j, k] = (1/N) Σ_n (Q_Aᵀ G_n Q_S)[j, k]²                       [din+1, dout]
-   and the damped inverse product of V [din+1, dout] is
+       Λ*[j, k] = (1/N) Σ_n (Q_Aᵀ G_n Q_S)[j, k]²                       [din, dout]
+   and the damped inverse product of V [din, dout] is
        (G + λI)⁻¹ V ≈ Q_A ((Q_Aᵀ V Q_S) / (Λ* + λ)) Q_Sᵀ.
    Layers are independent blocks (block-diagonal G).
+
+   Flat form (`fit_kernels`, `kernel_apply_spectral`): the per-example gradients of the
+   whole model flattened to [N, P] (gradients.py, exact), each kernel a column range
+   [start, stop) that is W [din, dout] row-major. Columns outside every kernel (T5:
+   embeddings, RMSNorm scales, relative-position tables) are NOT modelled: the operator
+   returns 0 there, i.e. influence is computed in the dense-kernel subspace only (the
+   exact reference is the damped solve restricted to those columns).
 
    EK-FAC is EXACT (equals the damped solve with the exact G) when G is block-diagonal
    across layers and each layer block is diagonal in Q_A ⊗ Q_S; e.g. (tests/ekfac_test.py)
@@ -77,9 +89,26 @@ def dense_statistics(layers: Sequence[dict], loss: Callable, x: jax.Array, y: ja
   return jax.vmap(one)(x, y)
 
 
+def _tokens(x: jax.Array) -> jax.Array:
+  """[N, d] (one position per example) -> [N, 1, d]; [N, T, d] unchanged."""
+  if x.ndim not in (2, 3):
+    raise ValueError(f"expected [N, d] or [N, T, d] activations/gradients, got {x.shape}")
+  return x[:, None] if x.ndim == 2 else x
+
+
 def layer_gradients(acts: Sequence[jax.Array], deltas: Sequence[jax.Array]) -> list:
-  """Per-example weight gradients G_n = ā_n δ_nᵀ per layer: [N, din+1, dout]."""
-  return [jnp.einsum("ni,no->nio", a, d) for a, d in zip(acts, deltas)]
+  """Per-example weight gradients G_n = Σ_t a_nt δ_ntᵀ per layer: [N, din, dout]."""
+  return [jnp.einsum("nti,nto->nio", _tokens(a), _tokens(d)) for a, d in zip(acts, deltas)]
+
+
+def kfac_factors(acts: Sequence[jax.Array], deltas: Sequence[jax.Array]) -> list:
+  """Per layer (A [din, din], S [dout, dout]) = ((1/N) Σ_n Σ_t a aᵀ, (1/N) Σ_n Σ_t δ δᵀ)."""
+  out = []
+  for a, d in zip(acts, deltas):
+    a, d = _tokens(a), _tokens(d)
+    out.append((jnp.einsum("nti,ntj->ij", a, a) / a.shape[0],
+                jnp.einsum("nti,ntj->ij", d, d) / d.shape[0]))
+  return out
 
 
 def flatten_layer_grads(grads: Sequence[jax.Array]) -> jax.Array:
@@ -89,7 +118,7 @@ def flatten_layer_grads(grads: Sequence[jax.Array]) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class DenseEKFAC:
-  """Per layer: Q_A [din+1, din+1], Q_S [dout, dout], corrected eigenvalues [din+1, dout]."""
+  """Per layer: Q_A [din, din], Q_S [dout, dout], corrected eigenvalues Λ* [din, dout]."""
   qa: tuple
   qs: tuple
   eig: tuple
@@ -98,27 +127,114 @@ class DenseEKFAC:
 jax.tree_util.register_dataclass(DenseEKFAC, data_fields=["qa", "qs", "eig"], meta_fields=[])
 
 
-def fit_dense(acts: Sequence[jax.Array], deltas: Sequence[jax.Array]) -> DenseEKFAC:
-  """K-FAC factors, their eigenbases, and the EK-FAC eigenvalue correction."""
+def _check_finite(x, what: str):
+  if not bool(jnp.all(jnp.isfinite(x))):
+    raise ValueError(f"EK-FAC: {what} has non-finite entries (NaN/inf gradients or "
+                     "activations at this checkpoint?)")
+
+
+def fit_kfac(factors: Sequence[tuple], grads: Sequence[jax.Array]) -> DenseEKFAC:
+  """EK-FAC from K-FAC factors [(A, S)] and per-example layer gradients [N, din, dout]:
+  Q_A, Q_S = eigenvectors of A, S; Λ* = mean_n (Q_Aᵀ G_n Q_S)²."""
   qas, qss, eigs = [], [], []
-  for a, d in zip(acts, deltas):
-    n = a.shape[0]
-    _, qa = jnp.linalg.eigh(a.T @ a / n)                        # A = (1/N) Σ ā āᵀ
-    _, qs = jnp.linalg.eigh(d.T @ d / n)                        # S = (1/N) Σ δ δᵀ
-    # (Q_Aᵀ ā_n δ_nᵀ Q_S)[j, k] = (Q_Aᵀ ā_n)_j (Q_Sᵀ δ_n)_k: no [N, din, dout] tensor needed.
-    eigs.append(((a @ qa) ** 2).T @ ((d @ qs) ** 2) / n)         # [din+1, dout]
+  for i, ((fa, fs), g) in enumerate(zip(factors, grads)):
+    if g.shape[1:] != (fa.shape[0], fs.shape[0]):
+      raise ValueError(f"layer {i}: gradients {g.shape} do not match factors A {fa.shape}, "
+                       f"S {fs.shape} (expected [N, din, dout])")
+    _check_finite(fa, f"layer {i} factor A")
+    _check_finite(fs, f"layer {i} factor S")
+    _, qa = jnp.linalg.eigh(fa)
+    _, qs = jnp.linalg.eigh(fs)
+    eigs.append(jnp.mean(jnp.einsum("ij,nik,kl->njl", qa, g, qs) ** 2, axis=0))
     qas.append(qa)
     qss.append(qs)
   return DenseEKFAC(tuple(qas), tuple(qss), tuple(eigs))
 
 
+def fit_dense(acts: Sequence[jax.Array], deltas: Sequence[jax.Array]) -> DenseEKFAC:
+  """K-FAC factors, their eigenbases, and the EK-FAC eigenvalue correction from per-example
+  statistics acts [N, din] / [N, T, din], deltas [N, dout] / [N, T, dout] per layer."""
+  qas, qss, eigs = [], [], []
+  for a, d in zip(acts, deltas):
+    if a.ndim == 3:                                  # several tokens: G_n is not rank one
+      state = fit_kfac(kfac_factors([a], [d]), layer_gradients([a], [d]))
+      qa, qs, eig = state.qa[0], state.qs[0], state.eig[0]
+    else:
+      n = a.shape[0]
+      _, qa = jnp.linalg.eigh(a.T @ a / n)                      # A = (1/N) Σ ā āᵀ
+      _, qs = jnp.linalg.eigh(d.T @ d / n)                      # S = (1/N) Σ δ δᵀ
+      # (Q_Aᵀ ā_n δ_nᵀ Q_S)[j, k] = (Q_Aᵀ ā_n)_j (Q_Sᵀ δ_n)_k: no [N, din, dout] tensor.
+      eig = ((a @ qa) ** 2).T @ ((d @ qs) ** 2) / n             # [din, dout]
+    qas.append(qa)
+    qss.append(qs)
+    eigs.append(eig)
+  return DenseEKFAC(tuple(qas), tuple(qss), tuple(eigs))
+
+
 def dense_apply_spectral(state: DenseEKFAC, vecs: Sequence[jax.Array], f: Spectral) -> list:
-  """Per layer V [B, din+1, dout] -> Q_A (f(Λ*) ⊙ (Q_Aᵀ V Q_S)) Q_Sᵀ."""
+  """Per layer V [B, din, dout] -> Q_A (f(Λ*) ⊙ (Q_Aᵀ V Q_S)) Q_Sᵀ."""
   out = []
   for qa, qs, eig, v in zip(state.qa, state.qs, state.eig, vecs):
     rotated = jnp.einsum("ij,bik,kl->bjl", qa, v, qs)
     out.append(jnp.einsum("ij,bjl,kl->bik", qa, rotated * f(eig), qs))
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelEKFAC:
+  """EK-FAC over kernels laid out in a flat [P] parameter vector: per kernel the layer state
+  in `dense`, and static bounds ((start, stop, din, dout), ...) with stop − start = din·dout."""
+  dense: DenseEKFAC
+  bounds: tuple
+  size: int
+
+  @property
+  def eig(self):
+    return self.dense.eig
+
+
+jax.tree_util.register_dataclass(KernelEKFAC, data_fields=["dense"],
+                                 meta_fields=["bounds", "size"])
+
+
+def _check_kernel_bounds(bounds, size: int) -> tuple:
+  bounds = tuple(tuple(int(x) for x in b) for b in bounds)
+  prev = 0
+  for start, stop, din, dout in bounds:
+    if start < prev or stop > size or stop - start != din * dout:
+      raise ValueError(f"kernel bounds {bounds} must be sorted, disjoint ranges inside "
+                       f"[0, {size}) of length din·dout")
+    prev = stop
+  return bounds
+
+
+def split_kernels(vecs: jax.Array, bounds) -> list:
+  """vecs [B, P] -> per kernel [B, din, dout] (its columns, row-major)."""
+  return [vecs[:, a:b].reshape(vecs.shape[0], din, dout) for a, b, din, dout in bounds]
+
+
+def fit_kernels(factors: Sequence[tuple], grads: jax.Array, bounds) -> KernelEKFAC:
+  """EK-FAC over the kernels `bounds` [(start, stop, din, dout)] of flat per-example
+  gradients grads [N, P], with K-FAC factors [(A [din, din], S [dout, dout])] per kernel."""
+  bounds = _check_kernel_bounds(bounds, grads.shape[1])
+  if len(factors) != len(bounds):
+    raise ValueError(f"{len(factors)} K-FAC factor pairs for {len(bounds)} kernels")
+  _check_finite(grads, "per-example gradients")
+  return KernelEKFAC(fit_kfac(factors, split_kernels(grads, bounds)), bounds,
+                     int(grads.shape[1]))
+
+
+def kernel_apply_spectral(state: KernelEKFAC, vecs: jax.Array, f: Spectral) -> jax.Array:
+  """vecs [B, P] -> per kernel Q_A (f(Λ*) ⊙ (Q_Aᵀ V Q_S)) Q_Sᵀ; 0 outside the kernels."""
+  if vecs.shape[1] != state.size:
+    raise ValueError(f"vectors have {vecs.shape[1]} columns, the EK-FAC state {state.size}")
+  out = dense_apply_spectral(state.dense, split_kernels(vecs, state.bounds), f)
+  parts, prev = [], 0
+  for (start, stop, _, _), o in zip(state.bounds, out):
+    parts += [jnp.zeros((vecs.shape[0], start - prev), vecs.dtype), o.reshape(o.shape[0], -1)]
+    prev = stop
+  parts.append(jnp.zeros((vecs.shape[0], state.size - prev), vecs.dtype))
+  return jnp.concatenate(parts, axis=1)
 
 
 # ------------------------------------------------------------------------ gradient blocks
@@ -157,6 +273,13 @@ def block_apply_spectral(state: BlockEKFAC, vecs: jax.Array, f: Spectral) -> jax
   return jnp.concatenate(parts, axis=1)
 
 
+def apply_spectral(state, vecs: jax.Array, f: Spectral) -> jax.Array:
+  """Flat vecs [B, P] -> Q f(Λ*) Qᵀ v for a BlockEKFAC or a KernelEKFAC state."""
+  if isinstance(state, KernelEKFAC):
+    return kernel_apply_spectral(state, vecs, f)
+  return block_apply_spectral(state, vecs, f)
+
+
 def inverse(damping: float) -> Spectral:
   """f(λ) = 1/(λ + damping): the damped inverse (G + damping·I)⁻¹."""
   if not damping > 0:
@@ -177,6 +300,8 @@ def exact_damped_solve(grads: np.ndarray, vecs: np.ndarray, damping: float) -> n
   return np.linalg.solve(hess, np.asarray(vecs, np.float64).T).T
 
 
-__all__ = ["mlp_apply", "dense_statistics", "layer_gradients", "flatten_layer_grads",
-           "DenseEKFAC", "fit_dense", "dense_apply_spectral", "BlockEKFAC", "fit_blocks",
-           "block_apply_spectral", "inverse", "default_damping", "exact_damped_solve"]
+__all__ = ["mlp_apply", "dense_statistics", "layer_gradients", "kfac_factors",
+           "flatten_layer_grads", "DenseEKFAC", "fit_kfac", "fit_dense",
+           "dense_apply_spectral", "KernelEKFAC", "split_kernels", "fit_kernels",
+           "kernel_apply_spectral", "BlockEKFAC", "fit_blocks", "block_apply_spectral",
+           "apply_spectral", "inverse", "default_damping", "exact_damped_solve"]

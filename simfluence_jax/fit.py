@@ -37,6 +37,11 @@ _PROJECTION_DIM = flags.DEFINE_integer(
 _DAMPING = flags.DEFINE_float(
     "damping", None, "influence/source: damping λ of (G + λI)⁻¹ (default 0.1 × mean "
     "EK-FAC eigenvalue).")
+_CURVATURE = flags.DEFINE_enum(
+    "curvature", "blocks", list(baselines.CURVATURES),
+    "influence/source: EK-FAC form. 'blocks': one exact block per IA3 vector or per projected "
+    "full gradient; 'ekfac_dense': full tuning only, true EK-FAC over the T5 dense kernels "
+    "(exact kernel gradients; leave --projection_dim unset).")
 _SEGMENTS = flags.DEFINE_integer("segments", 3, "source: number of training segments L.")
 _RANK = flags.DEFINE_integer("rank", 4, "featurized: rank r of A = U_A V_Aᵀ, B = U_B V_Bᵀ.")
 _STEPS = flags.DEFINE_integer("steps", 3000, "featurized: optax (Adam) steps.")
@@ -81,7 +86,8 @@ def main(argv):
         _WORKSPACE.value, fit_runs, simulator=_SIMULATOR.value, val_runs=val_runs,
         options=baselines.BaselineOptions(
             checkpoints=ckpts, projection_dim=_PROJECTION_DIM.value, damping=_DAMPING.value,
-            segments=_SEGMENTS.value, lam=_LAM.value, lam_grid=tuple(grid)))
+            segments=_SEGMENTS.value, lam=_LAM.value, lam_grid=tuple(grid),
+            curvature=_CURVATURE.value))
   elif _SIMULATOR.value == "featurized":
     params, diagnostics = featurized.fit_featurized(
         fit_runs, rank=_RANK.value, lam=1e-3 if _LAM.value is None else _LAM.value,

@@ -20,6 +20,20 @@ Cache: <workspace>/gradients/<run_id>/checkpoint_<step>/{train,test}.npz with ar
   grads float32 [N, D]; ids int64 [N]; collection <U; projection_seed int64;
   projection_dim int64 (-1 = exact); block_rows int64
 written atomically (atomic_io.save_npz, never pickled) and reused when the ids and spec match.
+
+Dense-kernel statistics (for EK-FAC over the T5 dense kernels, ekfac.fit_kernels): for every
+kernel W tapped by models/t5.py `_dense` (attention query/key/value/out, MLP wi_0/wi_1/wo,
+logits_dense; NOT the token embedding, RMSNorm scales or relative-position tables), viewed as
+a matrix W [din, dout] (its leading input dims flattened row-major: query [e, h, d] ->
+[e, h·d], out [h, d, e] -> [h·d, e]), per example n and token position t:
+    a_nt [din]  the kernel's input (sown),   s_nt = a_ntᵀ W [dout],
+    δ_nt [dout] = ∂L_n/∂s_nt  (the gradient w.r.t. a zero perturbation added to s),
+so the per-example kernel gradient is exactly  ∂L_n/∂W = G_n = Σ_t a_nt δ_ntᵀ  [din, dout]
+(positions of the encoder for key/value of cross-attention; padding positions included,
+they have δ = 0). K-FAC factors (`kfac_factors`), normalised per EXAMPLE (not per token):
+    A = (1/N) Σ_n Σ_t a_nt a_ntᵀ [din, din],   S = (1/N) Σ_n Σ_t δ_nt δ_ntᵀ [dout, dout].
+(EK-FAC uses only their eigenvectors; any per-token normalisation would rescale eigenvalues
+that the eigenvalue correction replaces anyway.)
 """
 
 from __future__ import annotations
@@ -201,6 +215,129 @@ def cached_gradients(workspace, run_id: str, step: int, split: str, ids: np.ndar
   return grads, False
 
 
+# ------------------------------------------------------------- dense-kernel statistics
+@dataclasses.dataclass(frozen=True)
+class DenseKernel:
+  """One tapped kernel: its path in variables["params"] (jax keystr, as `leaf_slices`), its
+  own shape, and its matrix view [din, dout]."""
+  path: str
+  shape: tuple
+  din: int
+  dout: int
+
+
+def default_token_loss(logits: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
+  """The trainer's per-example loss (mean token cross-entropy) of logits [b, t, v] -> [b]."""
+  from simfluence_jax.models import losses  # pylint: disable=g-import-not-at-top
+  return losses.per_example_loss(logits, batch["decoder_target_tokens"],
+                                 batch["decoder_loss_weights"])
+
+
+def _taps(model, variables, batch):
+  """Sown kernel inputs of a forward pass: pytree of [b, T, din...] (shapes under eval_shape)."""
+  from simfluence_jax.models import t5  # pylint: disable=g-import-not-at-top
+  _, state = model.apply(variables, batch["encoder_input_tokens"],
+                         batch["decoder_input_tokens"], mutable=[t5.DENSE_INPUTS])
+  return jax.tree.map(lambda x: x[0], state[t5.DENSE_INPUTS],
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
+def dense_kernels(model, variables, batch) -> list[DenseKernel]:
+  """The model's tapped dense kernels, in `leaf_slices` order of variables["params"]."""
+  if getattr(model.config, "scan_layers", False):
+    raise ValueError("dense-kernel statistics need T5Config.scan_layers=False (per-layer "
+                     "kernels); this model scans its layers")
+  one = {k: np.asarray(v)[:1] for k, v in batch.items()}
+  shapes = jax.eval_shape(lambda: _taps(model, variables, one))
+  params = variables["params"]
+  out = []
+  for path, x in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+    kernel = functools.reduce(lambda t, k: t[k.key], path, params)
+    n_in = len(x.shape) - 2                                   # x [b, T, din...]
+    out.append(DenseKernel(jax.tree_util.keystr(path), tuple(kernel.shape),
+                           int(np.prod(kernel.shape[:n_in])),
+                           int(np.prod(kernel.shape[n_in:]))))
+  order = {path: i for i, (path, _, _) in enumerate(leaf_slices(params))}
+  return sorted(out, key=lambda k: order[k.path])
+
+
+@functools.partial(jax.jit, static_argnames=("model", "loss"))
+def _statistics_jit(model, variables, batch, *, loss):
+  from simfluence_jax.models import t5  # pylint: disable=g-import-not-at-top
+
+  def one(example):
+    single = jax.tree.map(lambda x: x[None], example)
+    taps = jax.eval_shape(lambda: _taps(model, variables, single))
+    params = variables["params"]
+
+    def zeros(path, x):                                   # s [1, T, dout...] per kernel
+      kernel = functools.reduce(lambda t, k: t[k.key], path, params)
+      return jnp.zeros(x.shape[:2] + kernel.shape[len(x.shape) - 2:], x.dtype)
+
+    def f(perturb):
+      logits, state = model.apply({**variables, t5.DENSE_PERTURBATIONS: perturb},
+                                  single["encoder_input_tokens"],
+                                  single["decoder_input_tokens"], mutable=[t5.DENSE_INPUTS])
+      inputs = jax.tree.map(lambda x: x[0], state[t5.DENSE_INPUTS],
+                            is_leaf=lambda x: isinstance(x, tuple))
+      return loss(logits, single)[0], inputs
+
+    perturb = jax.tree_util.tree_map_with_path(zeros, taps)
+    deltas, inputs = jax.grad(f, has_aux=True)(perturb)
+    flat = lambda tree: {jax.tree_util.keystr(p): x.reshape(x.shape[1], -1)
+                         for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return flat(inputs), flat(deltas)
+
+  return jax.vmap(one)(batch)
+
+
+def dense_kernel_statistics(model, variables: Mapping[str, Any],
+                            batch: Mapping[str, np.ndarray], *,
+                            loss: Callable = default_token_loss) -> dict:
+  """{kernel path: (a [b, T, din], δ [b, T, dout])} per example (module docstring).
+
+  model: a models.t5.Transformer (scan_layers=False); loss(logits [b, t, v], batch) -> [b]
+  (hashable; default the trainer's mean token cross-entropy). One jitted vmapped pass.
+  """
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  acts, deltas = _statistics_jit(model, variables, batch, loss=loss)
+  return {path: (acts[path], deltas[path]) for path in acts}
+
+
+def kfac_factors(model, variables: Mapping[str, Any], batch: Mapping[str, np.ndarray], *,
+                 loss: Callable = default_token_loss, chunk_size: int = 16
+                 ) -> tuple[list[DenseKernel], list[tuple[np.ndarray, np.ndarray]]]:
+  """(kernels, [(A [din, din], S [dout, dout])]) over the batch, float64 numpy.
+
+  A = (1/N) Σ_n Σ_t a aᵀ, S = (1/N) Σ_n Σ_t δ δᵀ, accumulated in chunks of `chunk_size`
+  examples (the last chunk padded with copies of example 0 that get weight 0).
+  """
+  batch = {k: np.asarray(v) for k, v in batch.items()}
+  kernels = dense_kernels(model, variables, batch)
+  n = next(iter(batch.values())).shape[0]
+  chunk = min(chunk_size, n)
+  sums = {k.path: [np.zeros((k.din, k.din)), np.zeros((k.dout, k.dout))] for k in kernels}
+  for start in range(0, n, chunk):
+    idx = np.arange(start, start + chunk)
+    live = (idx < n).astype(np.float64)
+    stats = dense_kernel_statistics(model, variables,
+                                    {k: v[np.where(idx < n, idx, 0)] for k, v in batch.items()},
+                                    loss=loss)
+    for path, (a, d) in stats.items():
+      a, d = np.asarray(a, np.float64), np.asarray(d, np.float64)
+      sums[path][0] += np.einsum("n,nti,ntj->ij", live, a, a)
+      sums[path][1] += np.einsum("n,nti,ntj->ij", live, d, d)
+  return kernels, [(sums[k.path][0] / n, sums[k.path][1] / n) for k in kernels]
+
+
+def kernel_bounds(kernels, params) -> list[tuple[int, int, int, int]]:
+  """[(start, stop, din, dout)] of each kernel in the flattened exact "params" gradient
+  (the layout of `flatten_or_project` with projection_dim=None over {"params": params})."""
+  slices = {path.removeprefix("['params']"): (a, b)
+            for path, a, b in leaf_slices({"params": params})}
+  return [(*slices[k.path], k.din, k.dout) for k in kernels]
+
+
 def jl_tolerance(dim: int, num_pairs: int, failure_prob: float = 1e-3) -> float:
   """ε with P(|x̂ᵀŷ − xᵀy| > ε |x||y| for any of num_pairs pairs) <= failure_prob.
 
@@ -212,4 +349,5 @@ def jl_tolerance(dim: int, num_pairs: int, failure_prob: float = 1e-3) -> float:
 
 __all__ = ["GradientSpec", "COLLECTIONS", "split_collection", "leaf_slices",
            "flatten_or_project", "per_example_gradients", "cache_path", "load_cached",
-           "cached_gradients", "jl_tolerance"]
+           "cached_gradients", "jl_tolerance", "DenseKernel", "default_token_loss",
+           "dense_kernels", "dense_kernel_statistics", "kfac_factors", "kernel_bounds"]

@@ -265,3 +265,106 @@ def test_tracin_checkpoint_selection(t5_workspace):
   assert rg.steps((4,)) == [4]
   with pytest.raises(traces.TraceError, match=r"\[1, 3\]"):
     rg.steps("all")
+
+
+# ------------------------------------------------------ dense-kernel EK-FAC (full tuning)
+def _kernel_problem(seed):
+  """Flat gradients [N, 1 + 12 + 1 + 6] with two 'kernels' (3×4 and 2×3) between unmodelled
+  columns, from synthetic multi-token statistics; returns (grads, bounds, factors)."""
+  rng = np.random.default_rng(seed)
+  acts = [rng.normal(size=(9, 4, 3)), rng.normal(size=(9, 2, 2))]
+  deltas = [rng.normal(size=(9, 4, 4)), rng.normal(size=(9, 2, 3))]
+  layer = [np.einsum("nti,nto->nio", a, d).reshape(9, -1) for a, d in zip(acts, deltas)]
+  grads = np.concatenate([rng.normal(size=(9, 1)), layer[0], rng.normal(size=(9, 1)),
+                          layer[1]], axis=1)
+  factors = [(np.einsum("nti,ntj->ij", a, a) / 9, np.einsum("nti,ntj->ij", d, d) / 9)
+             for a, d in zip(acts, deltas)]
+  return grads, [(1, 13, 3, 4), (14, 20, 2, 3)], factors
+
+
+def test_influence_with_dense_factors_equals_kronecker_reference():
+  """B = −H (Ĝ + δI)⁻¹ Gᵀ with Ĝ per kernel = (Q_A ⊗ Q_S) diag(Λ*) (Q_A ⊗ Q_S)ᵀ, built as a
+  dense numpy matrix from numpy eigenvectors; unmodelled columns contribute nothing."""
+  g_tr, bounds, factors = _kernel_problem(0)
+  g_te = np.random.default_rng(1).normal(size=(3, g_tr.shape[1]))
+  got, damping = baselines.influence_scores(g_tr, g_te, g_tr, bounds=bounds, damping=0.2,
+                                            factors=factors)
+  want = np.zeros_like(got)
+  for (a, b, din, dout), (fa, fs) in zip(bounds, factors):
+    basis = np.kron(np.linalg.eigh(fa)[1], np.linalg.eigh(fs)[1])
+    eig = np.mean((g_tr[:, a:b] @ basis) ** 2, axis=0)
+    inv = basis @ np.diag(1.0 / (eig + 0.2)) @ basis.T
+    want -= g_te[:, a:b] @ inv @ g_tr[:, a:b].T
+  np.testing.assert_allclose(got, want, rtol=1e-10)
+  assert damping == 0.2
+
+
+def test_source_single_stationary_segment_equals_influence_with_dense_factors():
+  g_tr, bounds, factors = _kernel_problem(2)
+  g_te = np.random.default_rng(3).normal(size=(2, g_tr.shape[1]))
+  seg = baselines.Segment(1.0, 10_000, np.stack([g_tr, g_tr]),
+                          baselines.mean_factors([factors, factors]))
+  got, _ = baselines.source_scores([seg], g_te, bounds=bounds, damping=0.3)
+  want, _ = baselines.influence_scores(g_tr, g_te, g_tr, bounds=bounds, damping=0.3,
+                                       factors=factors)
+  np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+@pytest.fixture(scope="module")
+def t5_full_workspace(tmp_path_factory):
+  """1 full-tuning run with checkpoints at steps 2 and 4 (perturbed params), hand-built."""
+  ws = tmp_path_factory.mktemp("ws_full")
+  pools = tasks.get_pools("country_yesno")
+  train_ids = [e.id for e in pools.train[:6]]
+  test_ids = [e.id for e in pools.test[:3]]
+  variables = models.init_variables(_CFG, jax.random.PRNGKey(1), use_ia3=False,
+                                    input_length=64, target_length=16)
+  meta = {"task": "country_yesno", "tuning": "full", "optimizer": "adafactor",
+          "learning_rate": 0.01, "seed": 0, "model_config": dataclasses.asdict(_CFG),
+          "input_length": 64, "target_length": 16}
+  rng = np.random.default_rng(1)
+  traces.write_run(ws, _run("run_0", rng.choice(train_ids, size=(4, 2)),
+                            2.0 + rng.normal(size=(5, 3)) * 0.1, train_ids, test_ids, meta))
+  for step in (2, 4):
+    params = jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.normal(size=x.shape)
+                          .astype(np.float32), variables["params"])
+    checkpoints.save(checkpoints.checkpoint_path(ws / "checkpoints" / "run_0", step),
+                     {"params": params})
+  return ws
+
+
+def test_influence_ekfac_dense_end_to_end_on_full_tuning(t5_full_workspace, t5_workspace):
+  """curvature="ekfac_dense": exact "params" gradients (cached), K-FAC factors of the 19 T5
+  dense kernels over the train pool at T; B equals influence_scores on those pieces, and
+  zeroing every non-kernel gradient column (embeddings, norms, position tables) changes
+  nothing. Source runs with per-segment factors. IA3 runs / projections are errors."""
+  ws = t5_full_workspace
+  runs = [traces.read_run(ws, "run_0")]
+  opts = baselines.BaselineOptions(curvature="ekfac_dense")
+  params, diag = baselines.fit(ws, runs, simulator="influence", options=opts)
+  assert diag["curvature"] == "ekfac_dense" and diag["gradient_spec"]["projection_dim"] is None
+  rg = baselines.RunGradients(ws, runs[0], train_ids=params.train_ids,
+                              test_ids=params.test_ids, options=opts)
+  g_tr, g_te = rg.at(4)                                     # from the cache
+  bounds, factors = rg.kernel_factors(4)
+  assert len(bounds) == 19
+  keep = np.zeros(g_tr.shape[1], bool)
+  for a, b, _, _ in bounds:
+    keep[a:b] = True
+  assert 0 < keep.sum() < keep.size
+  want, _ = baselines.influence_scores(np.where(keep, g_tr, 0.0), np.where(keep, g_te, 0.0),
+                                       np.where(keep, g_tr, 0.0), bounds=bounds,
+                                       damping=diag["damping"], factors=factors)
+  np.testing.assert_allclose(params.B, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+  src, sdiag = baselines.fit(ws, runs, simulator="source",
+                             options=dataclasses.replace(opts, segments=2))
+  assert np.all(np.isfinite(src.B)) and sdiag["curvature"] == "ekfac_dense"
+  with pytest.raises(ValueError, match="exact kernel gradients"):
+    baselines.fit(ws, runs, simulator="influence",
+                  options=dataclasses.replace(opts, projection_dim=64))
+  with pytest.raises(traces.TraceError, match="full fine-tuning"):
+    baselines.fit(t5_workspace, [traces.read_run(t5_workspace, "run_0")],
+                  simulator="influence", options=opts)
+  with pytest.raises(ValueError, match="unknown curvature"):
+    baselines.fit(ws, runs, simulator="influence",
+                  options=dataclasses.replace(opts, curvature="kfac"))

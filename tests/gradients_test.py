@@ -5,6 +5,8 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -143,3 +145,61 @@ def test_second_call_compiles_nothing():
   other = _batch(6, seed=7)                   # same shapes, new values
   gradients.per_example_gradients(_loss_fn, _variables(seed=3), other, spec)
   assert gradients._grads_jit._cache_size() == size  # pylint: disable=protected-access
+
+
+# ------------------------------------------------ T5 dense-kernel statistics (K-FAC taps)
+def test_t5_dense_kernel_statistics_give_exact_kernel_gradients():
+  """Per example n and kernel W [din, dout]: Σ_t a_nt δ_ntᵀ from the t5.py taps equals
+  jax.grad of that example's loss w.r.t. W (float64 T5 1+1 layers, real country_yesno
+  examples with encoder padding; measured max rel. error 1.6e-15, required 1e-12). Also:
+  kfac_factors are the per-example-normalised token sums of these statistics, whatever
+  the chunk size, and the kernel bounds index the exact flattened "params" gradient.
+  Neutrality of the taps: init makes only "params" (t5_model_test checks the forward pass)."""
+  from simfluence_jax import tasks
+  from simfluence_jax.models import t5
+  cfg = t5.T5Config(vocab_size=384, emb_dim=16, num_heads=2, head_dim=4, mlp_dim=16,
+                    num_encoder_layers=1, num_decoder_layers=1, dtype="float64")
+  model = t5.Transformer(cfg)
+  variables = jax.tree.map(lambda x: np.asarray(x, np.float64), t5.init_variables(
+      cfg, jax.random.PRNGKey(1), use_ia3=False, input_length=8, target_length=4))
+
+  def ce(logits, batch):
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    tok = -jnp.take_along_axis(log_probs, batch["decoder_target_tokens"][..., None], -1)[..., 0]
+    w = batch["decoder_loss_weights"].astype(logits.dtype)
+    return jnp.sum(w * tok, axis=-1) / jnp.maximum(jnp.sum(w, axis=-1), 1e-8)
+
+  assert set(variables) == {"params"}                  # init records no tap collections
+  batch = tasks.encode_examples(tasks.get_pools("country_yesno").train[:3], input_length=64,
+                                target_length=8)
+  stats = gradients.dense_kernel_statistics(model, variables, batch, loss=ce)
+  kernels = gradients.dense_kernels(model, variables, batch)
+  assert len(kernels) == 19 and set(stats) == {k.path for k in kernels}
+  assert "['token_embedder']" not in stats
+
+  @jax.jit
+  def grad_one(params, one):                       # independent: jax.grad of one example
+    return jax.grad(lambda p: ce(model.apply({"params": p}, one["encoder_input_tokens"],
+                                             one["decoder_input_tokens"]), one)[0])(params)
+
+  bounds = gradients.kernel_bounds(kernels, variables["params"])
+  for n in range(3):
+    g = grad_one(variables["params"], {k: v[n:n + 1] for k, v in batch.items()})
+    leaves = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(g)[0]}
+    flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves({"params": g})])
+    for k, (start, stop, din, dout) in zip(kernels, bounds):
+      a, d = stats[k.path]
+      assert a.shape[:2] == d.shape[:2] and (a.shape[2], d.shape[2]) == (din, dout)
+      got = np.einsum("ti,to->io", a[n], d[n])
+      want = np.asarray(leaves[k.path]).reshape(din, dout)
+      np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
+      np.testing.assert_array_equal(flat[start:stop], np.ravel(leaves[k.path]))
+  for chunk in (3, 2):
+    _, factors = gradients.kfac_factors(model, variables, batch, loss=ce, chunk_size=chunk)
+    for k, (fa, fs) in zip(kernels, factors):
+      a, d = (np.asarray(x) for x in stats[k.path])
+      np.testing.assert_allclose(fa, np.einsum("nti,ntj->ij", a, a) / 3, rtol=1e-12,
+                                 atol=1e-14)
+      np.testing.assert_allclose(fs, np.einsum("nti,ntj->ij", d, d) / 3, rtol=1e-12,
+                                 atol=1e-14)
+

@@ -26,7 +26,17 @@ causal mask, padded decoder positions never influence real ones anyway).
 
 Shapes: b batch, l/q/k sequence positions, e emb_dim, h heads, d head_dim, f mlp_dim,
 v vocab. Parameters are always float32; `config.dtype` is the compute dtype. Attention logits,
-softmax, RMSNorm statistics and the returned logits are float32.
+softmax, RMSNorm statistics and the returned logits are float32 (float64 when the compute
+dtype is "float64", which exists for exact reference tests with float64 variables).
+
+Dense-kernel taps (for K-FAC / EK-FAC, gradients.dense_kernel_statistics): every dense kernel
+(attention query/key/value/out, MLP wi_0/wi_1/wo, logits_dense) is applied by `_dense`, which
+  * sows its input a [b, T, din...] into the collection "dense_inputs" (only when that
+    collection is mutable in `apply`, never in `init`; otherwise a no-op), and
+  * adds the variable "dense_perturbations"/<same path> [b, T, dout...] to its output s when
+    the caller passes that collection (zeros), so ∂L/∂s = δ is ∂L/∂perturbation.
+Without those collections `_dense` is exactly the einsum (bit-identical outputs). Embeddings,
+RMSNorm scales and the relative-position tables are not tapped.
 """
 
 from __future__ import annotations
@@ -40,11 +50,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 # Additive attention bias for masked positions (as T5X): large but finite, so fully masked
 # query rows (encoder padding) give a uniform softmax instead of NaN.
 _MASK_BIAS = -1e10
 IA3_COLLECTION = "ia3"
+DENSE_INPUTS = "dense_inputs"                 # sown kernel inputs a (K-FAC taps, see above)
+DENSE_PERTURBATIONS = "dense_perturbations"   # zeros added to kernel outputs s (for δ)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +96,11 @@ class T5Config:
   def compute_dtype(self):
     return _DTYPES[self.dtype]
 
+  @property
+  def accum_dtype(self):
+    """Logits / softmax / norm statistics: float32, or float64 for a float64 model."""
+    return jnp.promote_types(jnp.float32, self.compute_dtype)
+
 
 # ----------------------------------------------------------------------------------------
 # Relative position buckets (T5, Raffel et al. 2020 §2.1; mesh_tensorflow / T5X convention).
@@ -121,6 +138,17 @@ def _normal(stddev: float) -> Callable:
   return nn.initializers.normal(stddev=stddev)
 
 
+def _dense(module: nn.Module, name: str, equation: str, x, kernel, **kwargs):
+  """einsum(equation, x, kernel) for the kernel param `name`, with the K-FAC taps of the
+  module docstring: sow x into DENSE_INPUTS, add DENSE_PERTURBATIONS/name if given."""
+  y = jnp.einsum(equation, x, kernel, **kwargs)
+  if not module.is_initializing():         # init (all collections mutable) records nothing
+    module.sow(DENSE_INPUTS, name, x)
+  if module.has_variable(DENSE_PERTURBATIONS, name):
+    y = y + module.get_variable(DENSE_PERTURBATIONS, name)
+  return y
+
+
 class RMSNorm(nn.Module):
   """y = x / sqrt(mean(x^2) + eps) * scale; statistics in float32."""
   epsilon: float = 1e-6
@@ -129,7 +157,7 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-    x = x.astype(jnp.float32)
+    x = x.astype(jnp.promote_types(jnp.float32, self.dtype))
     y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
     return (y * scale).astype(self.dtype)
 
@@ -174,21 +202,21 @@ class Attention(nn.Module):
     wv = self.param("value", _normal(init_in), (e, h, d), jnp.float32)
     wo = self.param("out", _normal(1.0 / math.sqrt(h * d)), (h, d, e), jnp.float32)
 
-    q = jnp.einsum("bqe,ehd->bqhd", x_q, wq.astype(dt))
-    k = jnp.einsum("bke,ehd->bkhd", x_kv, wk.astype(dt))
-    v = jnp.einsum("bke,ehd->bkhd", x_kv, wv.astype(dt))
+    q = _dense(self, "query", "bqe,ehd->bqhd", x_q, wq.astype(dt))
+    k = _dense(self, "key", "bke,ehd->bkhd", x_kv, wk.astype(dt))
+    v = _dense(self, "value", "bke,ehd->bkhd", x_kv, wv.astype(dt))
     if self.use_ia3:
       l_k = self.variable(IA3_COLLECTION, "l_k", jnp.ones, (h * d,), jnp.float32).value
       l_v = self.variable(IA3_COLLECTION, "l_v", jnp.ones, (h * d,), jnp.float32).value
       k = k * l_k.reshape(h, d).astype(dt)
       v = v * l_v.reshape(h, d).astype(dt)
 
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=cfg.accum_dtype)
     weights = jax.nn.softmax(logits + bias, axis=-1).astype(dt)
     if cfg.dropout_rate > 0.0 and not self.deterministic:
       weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=False)
     y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-    return jnp.einsum("bqhd,hde->bqe", y, wo.astype(dt))
+    return _dense(self, "out", "bqhd,hde->bqe", y, wo.astype(dt))
 
 
 class GatedGeluMlp(nn.Module):
@@ -205,14 +233,15 @@ class GatedGeluMlp(nn.Module):
     wi_0 = self.param("wi_0", _normal(1.0 / math.sqrt(e)), (e, f), jnp.float32)
     wi_1 = self.param("wi_1", _normal(1.0 / math.sqrt(e)), (e, f), jnp.float32)
     wo = self.param("wo", _normal(1.0 / math.sqrt(f)), (f, e), jnp.float32)
-    hidden = (nn.gelu(jnp.einsum("ble,ef->blf", x, wi_0.astype(dt)), approximate=True)
-              * jnp.einsum("ble,ef->blf", x, wi_1.astype(dt)))
+    hidden = (nn.gelu(_dense(self, "wi_0", "ble,ef->blf", x, wi_0.astype(dt)),
+                      approximate=True)
+              * _dense(self, "wi_1", "ble,ef->blf", x, wi_1.astype(dt)))
     if self.use_ia3:
       l_ff = self.variable(IA3_COLLECTION, "l_ff", jnp.ones, (f,), jnp.float32).value
       hidden = hidden * l_ff.astype(dt)
     if cfg.dropout_rate > 0.0 and not self.deterministic:
       hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=False)
-    return jnp.einsum("blf,fe->ble", hidden, wo.astype(dt))
+    return _dense(self, "wo", "blf,fe->ble", hidden, wo.astype(dt))
 
 
 def _dropout(cfg: T5Config, x, deterministic: bool):
@@ -357,12 +386,12 @@ class Transformer(nn.Module):
     if cfg.logits_via_embedding:
       # T5 1.0: tied output layer, rescaled because the embedding has unit-variance rows.
       logits = jnp.einsum("ble,ve->blv", decoded, embedding.astype(dt),
-                          preferred_element_type=jnp.float32) / math.sqrt(cfg.emb_dim)
+                          preferred_element_type=cfg.accum_dtype) / math.sqrt(cfg.emb_dim)
     else:
       kernel = self.param("logits_dense", _normal(1.0 / math.sqrt(cfg.emb_dim)),
                           (cfg.emb_dim, cfg.vocab_size), jnp.float32)
-      logits = jnp.einsum("ble,ev->blv", decoded, kernel.astype(dt),
-                          preferred_element_type=jnp.float32)
+      logits = _dense(self, "logits_dense", "ble,ev->blv", decoded, kernel.astype(dt),
+                      preferred_element_type=cfg.accum_dtype)
     return logits
 
 
