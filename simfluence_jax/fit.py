@@ -18,6 +18,7 @@ from simfluence_jax import fit_params
 from simfluence_jax import gin_utils
 from simfluence_jax import pipeline
 from simfluence_jax import simulators
+from simfluence_jax import streaming
 
 _WORKSPACE = flags.DEFINE_string("workspace", None, "Workspace directory.", required=True)
 _SIMULATOR = flags.DEFINE_enum(
@@ -53,6 +54,12 @@ _LAM = flags.DEFINE_float("lam", None, "L2 weight λ; if unset, chosen from --la
 _LAM_GRID = flags.DEFINE_list(
     "lam_grid", None, "λ candidates, scored by all-steps MSE of rollouts on --val_runs "
     f"(default: gin `fit_options.lam_grid`, else {list(simulators.DEFAULT_LAM_GRID)}).")
+_STREAMING = flags.DEFINE_enum(
+    "streaming", None, ["auto", "normal", "pcg"],
+    "linear/additive/multiplicative: fit chunk by chunk of test examples with the runs read "
+    "lazily (streaming.py; memory independent of the number of runs and test examples): "
+    "'normal' = normal equations accumulated run by run, Cholesky sharded over devices; "
+    "'pcg' = the chunk's transitions solved by PCG; 'auto' picks. Unset = in memory.")
 _NAME = flags.DEFINE_string("name", None, "Fit name: writes fits/<name>/.", required=True)
 
 
@@ -72,12 +79,22 @@ def main(argv):
     fit_ids, val_ids = split["fit"], split["val"]
   if not fit_ids:
     raise ValueError("no fit runs: give --fit_runs=run_a,run_b,... or --from_split")
-  fit_runs = simulators.read_runs(_WORKSPACE.value, fit_ids)
-  val_runs = simulators.read_runs(_WORKSPACE.value, val_ids)
   try:
     grid = [float(x) for x in (_LAM_GRID.value or options["lam_grid"])]
   except ValueError:
     raise ValueError(f"--lam_grid must be numbers, got {_LAM_GRID.value}") from None
+  if _STREAMING.value is not None:
+    if _SIMULATOR.value not in simulators.KINDS + tuple(simulators.ALIASES):
+      raise ValueError(f"--streaming fits Simfluence simulators {simulators.KINDS}, not "
+                       f"{_SIMULATOR.value!r}")
+    params, diagnostics = streaming.fit_streaming(
+        _WORKSPACE.value, fit_ids, simulator=_SIMULATOR.value, lam=_LAM.value,
+        lam_grid=grid, val_run_ids=val_ids, solver=_STREAMING.value,
+        chunk_size=options["chunk_size"])
+    _write(params, diagnostics)
+    return
+  fit_runs = simulators.read_runs(_WORKSPACE.value, fit_ids)
+  val_runs = simulators.read_runs(_WORKSPACE.value, val_ids)
   if _SIMULATOR.value in baselines.SIMULATORS:
     ckpts = _CHECKPOINTS.value
     if ckpts not in ("available", "tracin", "all"):
@@ -96,6 +113,10 @@ def main(argv):
     params, diagnostics = simulators.fit(
         fit_runs, simulator=_SIMULATOR.value, lam=_LAM.value, lam_grid=grid,
         val_runs=val_runs, chunk_size=options["chunk_size"])
+  _write(params, diagnostics)
+
+
+def _write(params, diagnostics):
   path = fit_params.save_fit(_WORKSPACE.value, _NAME.value, params, diagnostics)
   print(json.dumps({"fit": _NAME.value, "path": str(path), "kind": params.kind,
                     "lam": params.lam, "m": int(params.A.shape[0]),
