@@ -67,13 +67,25 @@ _NORMAL_MAX_P = 512
 # ------------------------------------------------------------------------------ traces
 @dataclasses.dataclass(frozen=True, eq=False)
 class LazyRun:
-  """A validated run whose losses [T+1, m_r] stay on disk (a read-only memory map)."""
+  """A validated run whose losses [T+1, m_r] stay on disk until `columns` reads some."""
   run_id: str
   train_ids: np.ndarray
   test_ids: np.ndarray
   batch_size: int
   curriculum: np.ndarray
-  losses: np.ndarray
+  losses_path: pathlib.Path
+  losses_shape: tuple
+
+  def columns(self, index) -> np.ndarray:
+    """float32 losses[:, index] (a slice or int array). The file is mapped only for the
+    read, so pages read for earlier chunks do not stay resident in this process."""
+    losses = np.load(self.losses_path, mmap_mode="r", allow_pickle=False)
+    if losses.shape != self.losses_shape:
+      raise TraceError(f"{self.losses_path} (run {self.run_id!r}): changed on disk during "
+                       f"the fit (shape {losses.shape}, was {self.losses_shape})")
+    out = np.array(losses[:, index], np.float32)
+    del losses
+    return out
 
 
 def open_runs(workspace, run_ids: Sequence[str]) -> list[LazyRun]:
@@ -85,11 +97,8 @@ def open_runs(workspace, run_ids: Sequence[str]) -> list[LazyRun]:
     seen.add(run_id)
     trace = traces.read_run(workspace, run_id)
     path = traces.run_dir(workspace, run_id) / "losses.npy"
-    losses = np.load(path, mmap_mode="r", allow_pickle=False)
-    if losses.shape != trace.losses.shape:    # replaced between the two reads
-      raise TraceError(f"{path} (run {run_id!r}): changed while being opened")
     out.append(LazyRun(run_id, trace.train_ids, trace.test_ids, trace.batch_size,
-                       trace.curriculum, losses))
+                       trace.curriculum, path, tuple(trace.losses.shape)))
   return out
 
 
@@ -114,12 +123,10 @@ class _Columns:
   def chunk(self, start: int, stop: int) -> tuple[_ChunkRun, np.ndarray]:
     """(the run's columns with fit positions in [start, stop), their positions − start)."""
     sel = np.flatnonzero((self.pos >= start) & (self.pos < stop))
-    if sel.size and sel[-1] - sel[0] + 1 == sel.size:   # contiguous: a strided read
-      losses = self.run.losses[:, sel[0]:sel[-1] + 1]
-    else:
-      losses = self.run.losses[:, sel]
+    contiguous = sel.size and sel[-1] - sel[0] + 1 == sel.size   # a strided read
+    losses = self.run.columns(slice(sel[0], sel[-1] + 1) if contiguous else sel)
     view = _ChunkRun(self.run.run_id, self.run.train_ids, self.run.test_ids[sel],
-                     self.run.curriculum, np.asarray(losses, np.float32))
+                     self.run.curriculum, losses)
     return view, self.pos[sel] - start
 
 
