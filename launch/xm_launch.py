@@ -17,8 +17,10 @@ Vertex AI / TPU requirements (not reachable from this machine): a GCP project wi
 enabled, `gcloud auth application-default login`, Docker (xm.python_container builds an
 image of this repo), a GCS bucket for the workspace (--gin.WORKSPACE=\"gs://...\" needs
 orbax/tensorstore GCS support, which they have), and accelerator quota, e.g.
-`--accelerator=tpu_v3=8`. A multi-host TPU slice runs each job with
-`jax.distributed.initialize()` picking up the coordinator from the environment.
+`--accelerator=tpu_v3=8`. With `--multihost_train`, each train job is one multi-host job
+(e.g. a TPU pod slice): its processes get `--num_processes=0`, so `jax.distributed.initialize()`
+picks up coordinator, process count and id from the environment, the runs are sharded over
+all hosts' devices and each host writes its own runs (simfluence_jax/distributed.py).
 """
 
 from __future__ import annotations
@@ -43,9 +45,12 @@ _NUM_RUNS = flags.DEFINE_integer("num_runs", None, "Runs of the experiment (defa
                                  "run_experiment.num_runs).")
 _ACCELERATOR = flags.DEFINE_string("accelerator", None, "e.g. tpu_v3=8 or a100=1 (vertex).")
 _DRY_RUN = flags.DEFINE_boolean("dry_run", False, "Print the job plan and exit.")
+_MULTIHOST_TRAIN = flags.DEFINE_boolean(
+    "multihost_train", False, "Train jobs span several hosts (a TPU pod slice, SLURM): pass "
+    "--num_processes=0 so each process joins through jax.distributed's cluster detection.")
 
 def plan(workspace: str, gin_args: Sequence[str], *, num_runs: int, shards: int,
-         config: pipeline.PipelineConfig) -> list[list[dict]]:
+         config: pipeline.PipelineConfig, multihost_train: bool = False) -> list[list[dict]]:
   """The job plan: a list of stages, each a list of jobs {name, module, args} run together."""
   run_ids = [f"run_{r:03d}" for r in range(num_runs)]
   per = math.ceil(num_runs / shards)
@@ -64,6 +69,9 @@ def plan(workspace: str, gin_args: Sequence[str], *, num_runs: int, shards: int,
     stages.append([{"name": "merge", "module": "merge_workspaces",
                     "args": [ws, *[f"--sources={workspace}/shards/{i}"
                                    for i in range(len(slices))]]}])
+  if multihost_train:
+    for job in stages[1]:
+      job["args"].append("--num_processes=0")
   stages.append([{"name": "split", "module": "split", "args": list(gin_args)}])
   stages.append([{"name": f"fit_{s}", "module": "fit",
                   "args": [ws, f"--simulator={s}", f"--name={s}", "--from_split"]}
@@ -108,7 +116,7 @@ def main(argv: Sequence[str]) -> None:
               [f"--gin_bindings={b}" for b in flags.FLAGS.gin_bindings])
   config = gin_utils.pipeline_config()
   stages = plan(workspace, gin_args, num_runs=int(num_runs), shards=_TRAIN_SHARDS.value,
-                config=config)
+                config=config, multihost_train=_MULTIHOST_TRAIN.value)
   if _DRY_RUN.value:
     print(json.dumps(stages, indent=1))
     return

@@ -10,6 +10,10 @@ and <workspace>/pretrained/checkpoint_<step>/ holds a pretrained {"params": ...}
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
 `checkpoint_<step>` directory that exists is complete; `latest_step` ignores anything else.
+
+Multi-process (distributed.py): a group checkpoint is saved by all processes together (each
+writes the shards of its own runs, into one checkpoint on a shared filesystem); a per-run
+checkpoint is saved by the one process that holds the run (`save(..., local=True)`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from simfluence_jax import atomic_io
+from simfluence_jax import distributed
 from simfluence_jax import trainer as trainer_lib
 
 _STEP_DIR = re.compile(r"^checkpoint_(\d+)$")
@@ -55,23 +60,41 @@ def _as_saveable(tree: Any) -> Any:
   return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else np.asarray(x), tree)
 
 
-def save(path: PathLike, tree: Any) -> None:
-  """Saves a pytree of arrays to `path` (overwriting) and waits until it is on disk."""
-  checkpointer = ocp.StandardCheckpointer()
+def save(path: PathLike, tree: Any, *, local: bool = False) -> None:
+  """Saves a pytree of arrays to `path` (overwriting) and waits until it is on disk.
+
+  local: this process alone saves host values (e.g. one run's variables) — no barrier with the
+  other processes. Otherwise every process calls `save` with the same (global) tree.
+  """
+  checkpointer = _checkpointer(local)
   checkpointer.save(pathlib.Path(path).absolute(), _as_saveable(tree), force=True)
   checkpointer.wait_until_finished()
   checkpointer.close()
 
 
+def _checkpointer(local: bool) -> ocp.StandardCheckpointer:
+  if not local or jax.process_count() == 1:
+    return ocp.StandardCheckpointer()
+  me = jax.process_index()
+  return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"process_{me}"))
+
+
 def restore(path: PathLike, target: Any = None) -> Any:
   """Restores a pytree; with `target` (arrays or ShapeDtypeStructs, with shardings) its
-  structure, dtypes and placement; without, numpy/jax arrays in nested dicts."""
+  structure, dtypes and placement; without, host numpy arrays in nested dicts."""
   path = pathlib.Path(path).absolute()
   if not path.is_dir():
     raise FileNotFoundError(f"no checkpoint at {path}")
+  if target is None:
+    # As host numpy, whatever devices saved it (a saved single-device sharding cannot be
+    # restored by a process that does not hold that device).
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      tree = checkpointer.metadata(path).item_metadata
+      return checkpointer.restore(path, restore_args=jax.tree.map(
+          lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
   checkpointer = ocp.StandardCheckpointer()
-  if target is not None:
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _as_saveable(target))
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _as_saveable(target))
   tree = checkpointer.restore(path, target)
   checkpointer.close()
   return tree
@@ -87,10 +110,13 @@ def load_variables(root: PathLike, step: int | None = None) -> dict:
 
 def save_run_checkpoints(checkpoints_dir: PathLike, run_ids: Sequence[str],
                          state: trainer_lib.TrainState, *, step: int | None = None) -> None:
-  """Writes <checkpoints_dir>/<run_id>/checkpoint_<step> for every run of the group."""
+  """Writes <checkpoints_dir>/<run_id>/checkpoint_<step> for every run of the group (those of
+  this process: pass None for a run another process holds)."""
   step = int(state.step) if step is None else step
   for r, run_id in enumerate(run_ids):
-    save(checkpoint_path(pathlib.Path(checkpoints_dir) / run_id, step), state.run_variables(r))
+    if run_id is not None:
+      save(checkpoint_path(pathlib.Path(checkpoints_dir) / run_id, step),
+           state.run_variables(r), local=True)
 
 
 def group_dir(checkpoints_dir: PathLike, name: str) -> pathlib.Path:
@@ -98,9 +124,15 @@ def group_dir(checkpoints_dir: PathLike, name: str) -> pathlib.Path:
 
 
 def _state_tree(state: trainer_lib.TrainState, progress: trainer_lib.Progress) -> dict:
+  losses, train_losses = progress.losses, progress.train_losses
+  if not state.rng.is_fully_addressable:
+    # Each process knows only its runs' losses: save them as arrays sharded like the runs,
+    # so each process writes (and restores) its own rows.
+    losses = distributed.global_array(losses, state.rng.sharding)
+    train_losses = distributed.global_array(train_losses, state.rng.sharding)
   return {"state": {"step": state.step, "trainable": state.trainable,
                     "opt_state": state.opt_state, "frozen": state.frozen, "rng": state.rng},
-          "losses": progress.losses, "train_losses": progress.train_losses}
+          "losses": losses, "train_losses": train_losses}
 
 
 def check_group(checkpoints_dir: PathLike, name: str, description: dict) -> None:
@@ -139,5 +171,5 @@ def restore_group(checkpoints_dir: PathLike, name: str, state: trainer_lib.Train
     return None
   tree = restore(checkpoint_path(root, step), _state_tree(state, progress))
   restored = trainer_lib.TrainState(**tree["state"])
-  return restored, trainer_lib.Progress(np.asarray(tree["losses"]),
-                                        np.asarray(tree["train_losses"]))
+  return restored, trainer_lib.Progress(distributed.host_array(tree["losses"]),
+                                        distributed.host_array(tree["train_losses"]))

@@ -12,6 +12,16 @@ complete group checkpoint; the traces are bit-identical to an uninterrupted run.
 
 Runs of different lengths (e.g. explicit --gin.run_experiment.curriculum_files) share one vmapped
 group: shorter runs are padded with no-op steps, and each trace keeps only its own steps.
+
+The runs are sharded over all devices. Multi-process (multi-host), one such command per
+process, with the same gin flags and workspace (a filesystem all processes share):
+
+  python -m simfluence_jax.train ... --num_processes=2 --process_id=0|1 \
+      --coordinator_address=host0:12345
+  (--num_processes=0: detect all three from the cluster, e.g. a Cloud TPU pod or SLURM)
+
+Each process trains, checkpoints and writes only the runs on its own devices; the traces are
+those of a single-process run.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import pathlib
 import time
 from typing import Sequence
 
+from absl import flags
 from absl import logging
 import gin
 import jax
@@ -40,6 +51,7 @@ import tqdm
 
 from simfluence_jax import checkpoints
 from simfluence_jax import curricula
+from simfluence_jax import distributed
 from simfluence_jax import gin_utils
 from simfluence_jax import tasks
 from simfluence_jax import traces
@@ -50,11 +62,22 @@ gin_utils.register_model_config()
 # Experiment files also bind pretrain.py's function; this binary ignores those bindings.
 OTHER_BINARIES_CONFIGURABLES = ("run_pretraining", "pipeline")
 
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process: host:port of process 0's coordinator "
+    "(the same for every process).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", 1, "Processes training together (1: this one alone; 0: detect "
+    "coordinator, count and id from the cluster environment, e.g. a Cloud TPU pod).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in "
+                                   "[0, num_processes).")
+
 
 def _summary_writer(logdir: pathlib.Path):
   """TensorBoard scalars only: the progress bar is the console display (clu's default writer
   would also log every step's scalars to the console)."""
   from clu import metric_writers
+  if jax.process_count() > 1:   # one event file (its runs) per process
+    logdir = logdir / f"process_{jax.process_index()}"
   return metric_writers.SummaryWriter(str(logdir))
 
 
@@ -138,7 +161,9 @@ def run_experiment(
   """
   start_time = time.time()
   ws = pathlib.Path(workspace)
-  gin_utils.write_config(ws)
+  primary = jax.process_index() == 0
+  if primary:
+    gin_utils.write_config(ws)
   pools = tasks.get_pools(task)
   test = list(pools.test[:num_test_examples])
   pool_ids = np.asarray([e.id for e in pools.train], np.int64)
@@ -151,30 +176,37 @@ def run_experiment(
       raise ValueError(f"run_ids {unknown} are not runs of this experiment "
                        f"(it has {[c.run_id for c in runs][:4]}...)")
     runs = [c for c in runs if c.run_id in set(run_ids)]
-  with traces.workspace_lock(ws):
-    traces.write_examples(ws, "train", [_example_dict(e) for e in pools.train])
-    traces.write_examples(ws, "test", [_example_dict(e) for e in test])
+  if primary:
+    with traces.workspace_lock(ws):
+      traces.write_examples(ws, "train", [_example_dict(e) for e in pools.train])
+      traces.write_examples(ws, "test", [_example_dict(e) for e in test])
 
   lengths = [int(c.batches.shape[0]) for c in runs]
   num_steps = max(lengths)
   id_to_pos = {int(i): p for p, i in enumerate(pool_ids)}
+  # The runs axis over all devices (of all processes), padded with all-pad runs to fill them.
+  devices = distributed.global_devices()
+  padded = distributed.padded_num_runs(len(runs), len(devices))
+  mesh = trainer_lib.runs_mesh(padded, devices)
   positions = to_positions(runs, id_to_pos, num_steps)
-  encode = lambda ex: {k: jax.numpy.asarray(v) for k, v in tasks.encode_examples(
-      ex, input_length=input_length, target_length=target_length).items()}
+  positions = np.concatenate(
+      [positions, np.full((padded - len(runs),) + positions.shape[1:], -1, np.int32)])
+  mine = distributed.process_runs(len(runs), devices)   # the runs this process writes
+  encode = lambda ex: trainer_lib.replicate(tasks.encode_examples(
+      ex, input_length=input_length, target_length=target_length), mesh)
   pool, test_batch = encode(pools.train), encode(test)
 
   variables = load_pretrained(pathlib.Path(pretrained_dir or ws / "pretrained"), model_config,
                               tuning=tuning, seed=seed, input_length=input_length,
                               target_length=target_length)
   model = models.Transformer(model_config, use_ia3=tuning == "ia3")
-  mesh = trainer_lib.runs_mesh(len(runs))
   trainer = trainer_lib.Trainer(trainer_lib.t5_loss_fn(model),
                                 trainer_lib.make_optimizer(optimizer, learning_rate),
                                 dropout=model_config.dropout_rate > 0, mesh=mesh)
-  state = trainer_lib.place(trainer_lib.init_state(
-      variables, num_runs=len(runs), tuning=tuning, optimizer=trainer.optimizer, seed=seed),
-      mesh)
-  progress = trainer_lib.Progress.empty(len(runs), num_steps, len(test))
+  state = trainer_lib.init_state(variables, num_runs=len(runs), tuning=tuning,
+                                 optimizer=trainer.optimizer, seed=seed, mesh=mesh,
+                                 padded_runs=padded)
+  progress = trainer_lib.Progress.empty(padded, num_steps, len(test))
 
   ckpt_dir = ws / "checkpoints"
   ids = [c.run_id for c in runs]
@@ -200,19 +232,19 @@ def run_experiment(
 
   def on_save(s: trainer_lib.TrainState, p: trainer_lib.Progress) -> None:
     step = int(s.step)
-    for r, run_id in enumerate(ids):
+    for r in mine:
       if step in run_saves[r]:
-        checkpoints.save(checkpoints.checkpoint_path(ckpt_dir / run_id, step),
-                         s.run_variables(r))
+        checkpoints.save(checkpoints.checkpoint_path(ckpt_dir / ids[r], step),
+                         s.run_variables(r), local=True)
     if step in group_saves:   # last, so a resume point implies its run checkpoints exist
-      checkpoints.save_group(ckpt_dir, group, s, p)
+      checkpoints.save_group(ckpt_dir, group, s, p)   # all processes together
 
   writer = _summary_writer(ws / "tensorboard")
   bar = tqdm.tqdm(total=num_steps, initial=int(state.step), desc="train", unit="step")
 
   def on_steps(step: int, train_loss: np.ndarray, test_losses: np.ndarray) -> None:
-    scalars = {"train_loss/mean": float(train_loss.mean())}
-    scalars.update({f"test_loss/{i}": float(v) for i, v in zip(ids, test_losses.mean(1))})
+    scalars = {"train_loss/mean": float(train_loss[mine].mean())} if mine else {}
+    scalars.update({f"test_loss/{ids[r]}": float(test_losses[r].mean()) for r in mine})
     writer.write_scalars(step, scalars)
     bar.update(1)
 
@@ -224,15 +256,24 @@ def run_experiment(
   writer.flush()
 
   test_ids = np.asarray([e.id for e in test], np.int64)
-  for r, c in enumerate(runs):
-    traces.write_run(ws, traces.RunTrace(
-        run_id=c.run_id, train_ids=np.asarray(c.train_ids, np.int64), test_ids=test_ids,
-        batch_size=int(c.batches.shape[1]), curriculum=np.asarray(c.batches, np.int32),
-        losses=progress.losses[r, :lengths[r] + 1],
-        metadata={**meta, **extra.get(c.run_id.removeprefix("explicit_"), {})}))
-  return {"workspace": str(ws), "runs": len(runs), "steps": num_steps, "test": len(test),
-          "devices": 1 if mesh is None else mesh.size,
-          "seconds": round(time.time() - start_time, 2)}
+
+  def write_mine() -> None:
+    for r in mine:
+      c = runs[r]
+      traces.write_run(ws, traces.RunTrace(
+          run_id=c.run_id, train_ids=np.asarray(c.train_ids, np.int64), test_ids=test_ids,
+          batch_size=int(c.batches.shape[1]), curriculum=np.asarray(c.batches, np.int32),
+          losses=progress.losses[r, :lengths[r] + 1],
+          metadata={**meta, **extra.get(c.run_id.removeprefix("explicit_"), {})}))
+
+  # One process at a time: write_run holds the workspace's single-writer lock.
+  distributed.in_turn(write_mine, name="write_runs")
+  summary = {"workspace": str(ws), "runs": len(runs), "steps": num_steps, "test": len(test),
+             "devices": 1 if mesh is None else mesh.size,
+             "seconds": round(time.time() - start_time, 2)}
+  if jax.process_count() > 1:
+    summary.update(process_id=jax.process_index(), process_runs=[ids[r] for r in mine])
+  return summary
 
 
 def _example_dict(e) -> dict:
@@ -242,6 +283,10 @@ def _example_dict(e) -> dict:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}; use --gin_file / --gin.NAME=VALUE")
+  # Before anything touches a device: with several processes, jax.devices() is all of theirs.
+  distributed.initialize(distributed.DistributedConfig(
+      coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value or None, process_id=_PROCESS_ID.value))
   gin_utils.parse_gin_flags(skip_unknown=OTHER_BINARIES_CONFIGURABLES)
   print(json.dumps(run_experiment()))
 

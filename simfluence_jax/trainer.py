@@ -21,7 +21,11 @@ steps' recorded losses are dropped when a trace is written (losses[r, :T_r + 1])
 
 Tuning: "full" trains every collection (frozen = {}); "ia3" trains only the "ia3" collection and
 keeps "params" frozen, stored once and shared by all runs (vmap in_axes=None, not replicated).
-The runs axis is sharded over all devices (1-D mesh "runs") when R is divisible by their count.
+Sharding: the runs axis is sharded over a 1-D mesh "runs" of all (global) devices; R is padded
+to a multiple of the device count with all-pad runs (init_state(padded_runs=...)), which are
+never written. Runs are independent, so the step needs no communication between devices (or
+processes); each process reads back only the rows of the runs on its own devices
+(distributed.host_array; other rows stay NaN) — see distributed.py for multi-process layout.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from simfluence_jax import distributed
 from simfluence_jax.models import losses as model_losses
 
 TUNINGS = ("full", "ia3")
@@ -88,38 +93,80 @@ class TrainState:
     return int(self.rng.shape[0])
 
   def run_variables(self, r: int) -> dict:
-    """Run r's full model variables (host numpy), e.g. for a per-run checkpoint."""
-    trainable = jax.tree.map(lambda x: np.asarray(x[r]), self.trainable)
-    return merge_variables(trainable, jax.tree.map(np.asarray, self.frozen))
+    """Run r's full model variables (host numpy), e.g. for a per-run checkpoint. Reads only
+    this process's shards: run r must be on one of its devices (distributed.process_runs)."""
+    def row(x):
+      rows = distributed.local_rows(x)
+      if r not in rows:
+        raise ValueError(f"run {r} is not on a device of process {jax.process_index()}; "
+                         "only its own runs (distributed.process_runs) can be read")
+      return rows[r]
+    return merge_variables(jax.tree.map(row, self.trainable),
+                           jax.tree.map(np.asarray, self.frozen))
 
 
 def init_state(variables: Mapping[str, Any], *, num_runs: int, tuning: str,
-               optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-  """Every run starts from the same `variables` (the pretrained model)."""
+               optimizer: optax.GradientTransformation, seed: int,
+               mesh: Mesh | None = None, padded_runs: int | None = None) -> TrainState:
+  """Every run starts from the same `variables` (the pretrained model; host numpy, or arrays
+  of this process when single-process).
+
+  mesh: build the state directly sharded over its "runs" axis (each device materializes only
+    its runs; the only way with devices of several processes). None: the default device.
+  padded_runs: R_pad >= R runs in the state; runs R.. are padding (give them all-pad steps).
+    Run r's dropout key is the same for any R_pad (the R real keys are split from the seed
+    first), so padding or sharding never changes a real run.
+  """
   trainable, frozen = split_variables(variables, tuning)
-  return _build_state(trainable, frozen, jnp.asarray(seed, jnp.uint32), num_runs=num_runs,
-                      optimizer=optimizer)
+  padded_runs = num_runs if padded_runs is None else padded_runs
+  if padded_runs < num_runs:
+    raise ValueError(f"padded_runs={padded_runs} < num_runs={num_runs}")
+  build = functools.partial(_build_state, num_runs=num_runs, padded_runs=padded_runs,
+                            optimizer=optimizer)
+  seed = np.uint32(seed)
+  if mesh is None:
+    return _build_state_jit(trainable, frozen, seed, num_runs=num_runs,
+                            padded_runs=padded_runs, optimizer=optimizer)
+  shardings = state_shardings(jax.eval_shape(build, trainable, frozen, seed), mesh)
+  return jax.jit(build, out_shardings=shardings)(trainable, frozen, seed)
 
 
-# jitted: one compile, instead of one per leaf and optimizer op when run eagerly. `optimizer`
-# is static; pass the same object (e.g. Trainer.optimizer) to reuse the compiled function.
-@functools.partial(jax.jit, static_argnames=("num_runs", "optimizer"))
-def _build_state(trainable, frozen, seed, *, num_runs, optimizer) -> TrainState:
-  stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_runs,) + x.shape), trainable)
+def _build_state(trainable, frozen, seed, *, num_runs, padded_runs, optimizer) -> TrainState:
+  stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (padded_runs,) + x.shape), trainable)
+  rng = jax.random.split(jax.random.PRNGKey(seed), num_runs)
+  if padded_runs > num_runs:   # padding runs reuse run 0's key (their steps are no-ops)
+    rng = jnp.concatenate([rng, jnp.broadcast_to(rng[:1], (padded_runs - num_runs, 2))])
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       trainable=stacked,
       opt_state=jax.vmap(optimizer.init)(stacked),
       frozen=jax.tree.map(jnp.copy, frozen),  # a copy: train_step donates the state
-      rng=jax.random.split(jax.random.PRNGKey(seed), num_runs))
+      rng=rng)
+
+
+# jitted: one compile, instead of one per leaf and optimizer op when run eagerly. `optimizer`
+# is static; pass the same object (e.g. Trainer.optimizer) to reuse the compiled function.
+_build_state_jit = jax.jit(_build_state,
+                           static_argnames=("num_runs", "padded_runs", "optimizer"))
 
 
 def runs_mesh(num_runs: int, devices: Iterable[jax.Device] | None = None) -> Mesh | None:
-  """A 1-D mesh "runs" over all devices, or None when R is not divisible by their count."""
-  devices = list(jax.devices() if devices is None else devices)
+  """A 1-D mesh "runs" over `devices` (default: all, grouped by process), or None when there
+  is one device or R is not divisible by their count (pad R with
+  distributed.padded_num_runs first to use them all)."""
+  devices = list(distributed.global_devices() if devices is None else devices)
   if len(devices) < 2 or num_runs % len(devices):
     return None
   return Mesh(np.asarray(devices), ("runs",))
+
+
+def replicate(tree: Any, mesh: Mesh | None) -> Any:
+  """Host numpy leaves -> arrays replicated on every device of `mesh` (global arrays across
+  processes: every process passes the same values), or on the default device."""
+  if mesh is None:
+    return jax.tree.map(jnp.asarray, tree)
+  rep = NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(lambda x: distributed.global_array(np.asarray(x), rep), tree)
 
 
 def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
@@ -152,7 +199,8 @@ class Trainer:
     record(state, test_batch) -> [R, m] test losses of the current state (L_0).
 
   mesh: when given, both run under `jax.shard_map` over its "runs" axis: each device steps and
-    records its own R/devices runs, with no communication (the state must be `place`d on it).
+    records its own R/devices runs, with no communication (the state built by
+    `init_state(mesh=...)`, or `place`d on it when single-process).
   record_chunk: how recording goes over runs. None: vmap over all runs at once. c >= 1:
     `lax.map` over runs, c runs at a time (vmapped). Each run's m test examples are always one
     batched forward. On CPU, c=1 measured 1.9x faster than vmap for full fine-tuning
@@ -239,19 +287,22 @@ def train_group(trainer: Trainer, state: TrainState, progress: Progress, *,
   on_save(state, progress) runs after each step in `save_steps`, with progress complete up to it.
   on_steps(step, train_loss [R], test_losses [R, m]) runs for each step as losses reach the host.
   Losses come back to the host every `sync_every` steps so dispatch runs ahead of the device.
+  With devices of several processes, each process fills only the rows of its own runs
+  (distributed.process_runs); the other rows stay NaN, in `progress` and in `on_steps`.
   """
   positions = np.asarray(positions, np.int32)
   num_runs, num_steps, _ = positions.shape
   save_steps = set(save_steps)
-  start = int(state.step)
+  start = int(distributed.host_array(state.step))
   if start == 0:
-    progress.losses[:, 0] = np.asarray(trainer.record(state, test_batch))
+    progress.losses[:, 0] = distributed.host_array(trainer.record(state, test_batch))
   pos_sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec("runs"))
   pending = []
 
   def flush():
     for step, train_loss, test_losses in pending:
-      train_loss, test_losses = np.asarray(train_loss), np.asarray(test_losses)
+      train_loss = distributed.host_array(train_loss)
+      test_losses = distributed.host_array(test_losses)
       progress.train_losses[:, step - 1] = train_loss
       progress.losses[:, step] = test_losses
       if on_steps is not None:
@@ -259,7 +310,8 @@ def train_group(trainer: Trainer, state: TrainState, progress: Progress, *,
     pending.clear()
 
   for t in range(start, num_steps):
-    batch_positions = jax.device_put(positions[:, t], pos_sharding)
+    batch_positions = (jax.device_put(positions[:, t]) if mesh is None
+                       else distributed.global_array(positions[:, t], pos_sharding))
     state, train_loss, test_losses = trainer.train_step(state, batch_positions, pool,
                                                         test_batch)
     pending.append((t + 1, train_loss, test_losses))
