@@ -24,6 +24,8 @@ from typing import Any, Callable, IO, Iterator
 from absl import logging
 import numpy as np
 
+from simfluence_jax import faults
+
 PathLike = str | os.PathLike
 
 
@@ -61,6 +63,7 @@ def write_with(path: PathLike, write: Callable[[IO[bytes]], None]) -> pathlib.Pa
       f.flush()
       os.fsync(f.fileno())
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
+    faults.maybe_kill("atomic_write")
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(OSError):

@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 
 from simfluence_jax import atomic_io
 from simfluence_jax import distributed
+from simfluence_jax import faults
 from simfluence_jax import trainer as trainer_lib
 
 _STEP_DIR = re.compile(r"^checkpoint_(\d+)$")
@@ -68,6 +69,7 @@ def save(path: PathLike, tree: Any, *, local: bool = False) -> None:
   """
   checkpointer = _checkpointer(local)
   checkpointer.save(pathlib.Path(path).absolute(), _as_saveable(tree), force=True)
+  faults.maybe_kill("checkpoint")
   checkpointer.wait_until_finished()
   checkpointer.close()
 

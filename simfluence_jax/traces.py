@@ -26,6 +26,7 @@ import numpy as np
 from numpy.lib import format as npformat
 
 from simfluence_jax import atomic_io
+from simfluence_jax import faults
 
 SCHEMA = 1
 SPLITS = ("train", "test")
@@ -368,6 +369,7 @@ def write_run(workspace, trace: RunTrace, *, overwrite: bool = False) -> pathlib
       os.unlink(meta_path)
     atomic_io.save_npy(directory / "curriculum.npy", trace.curriculum)
     atomic_io.save_npy(directory / "losses.npy", trace.losses)
+    faults.maybe_kill("trace_write")
     atomic_io.save_json(meta_path, {
         "schema": SCHEMA, "run_id": trace.run_id, "train_ids": trace.train_ids.tolist(),
         "test_ids": trace.test_ids.tolist(), "batch_size": trace.batch_size,
