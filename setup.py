@@ -5,9 +5,12 @@ setuptools.setup(
     name="simfluence_jax",
     version="0.1.0",
     description="Simfluence (Guu et al. 2023) and prior TDA methods as training-run simulators, in JAX/Flax.",
-    packages=setuptools.find_packages(include=["simfluence_jax", "simfluence_jax.*"]),
-    package_data={"simfluence_jax": ["gin_configs/**/*.gin", "gin_configs/*.gin"]},
-    include_package_data=True,
+    # The gin configs live at the checkout's top level (gin_configs/) and ship inside the
+    # package as simfluence_jax/gin_configs, where cli.gin_setup finds them when installed.
+    packages=setuptools.find_packages(include=["simfluence_jax", "simfluence_jax.*"])
+    + ["simfluence_jax.gin_configs"],
+    package_dir={"simfluence_jax.gin_configs": "gin_configs"},
+    package_data={"simfluence_jax.gin_configs": ["*.gin", "*/*.gin"]},
     python_requires=">=3.10",
     install_requires=[
         "numpy>=1.26",

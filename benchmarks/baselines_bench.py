@@ -53,7 +53,9 @@ def _rss_mb() -> float:
 
 def _fit_once(method: str, workspace: pathlib.Path, fit_runs, val_runs, lam_grid):
   # pylint: disable=g-import-not-at-top
-  from simfluence_jax import baselines, featurized, simulators
+  from simfluence_jax.prior_methods import methods as baselines
+  from simfluence_jax.simulators import featurized
+  from simfluence_jax.simulators import simfluence as simulators
   if method in baselines.SIMULATORS:
     return baselines.fit(workspace, fit_runs, simulator=method, val_runs=val_runs,
                          options=baselines.BaselineOptions(lam_grid=tuple(lam_grid)))
@@ -66,7 +68,8 @@ def _fit_once(method: str, workspace: pathlib.Path, fit_runs, val_runs, lam_grid
 def child(method: str, workspace: pathlib.Path) -> dict:
   """Runs in its own process: one method's cold and warm fit on `workspace`."""
   import jax  # pylint: disable=g-import-not-at-top
-  from simfluence_jax import pipeline, simulators  # pylint: disable=g-import-not-at-top
+  from simfluence_jax.experiments import pipeline
+  from simfluence_jax.simulators import simfluence as simulators  # pylint: disable=g-import-not-at-top
   experiment = pipeline.read_experiment(workspace)
   split = experiment["split"]
   lam_grid = experiment.get("config", {}).get("lam_grid") or simulators.DEFAULT_LAM_GRID
@@ -121,7 +124,11 @@ def cost_bench(workspace: pathlib.Path, methods) -> dict:
 def gradient_bench(num_examples: int, projection_dim: int) -> dict:
   # pylint: disable=g-import-not-at-top
   import jax
-  from simfluence_jax import ekfac, gradients, models, tasks, trainer
+  from simfluence_jax.prior_methods import ekfac
+  from simfluence_jax.prior_methods import gradients
+  from simfluence_jax.training import models
+  from simfluence_jax.training import tasks
+  from simfluence_jax.training import trainer
   tiny = models.T5Config(vocab_size=384, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
                          num_encoder_layers=1, num_decoder_layers=1)
   variables = models.init_variables(tiny, jax.random.PRNGKey(0), use_ia3=True,

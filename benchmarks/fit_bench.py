@@ -28,8 +28,8 @@ import time
 import jax
 import numpy as np
 
-from simfluence_jax import design
-from simfluence_jax import ridge
+from simfluence_jax.simulators import design
+from simfluence_jax.simulators import ridge
 
 SIZES = {
     "few-shot": dict(pool=100, subset=64, epochs=4.0, m=10_000),

@@ -35,7 +35,7 @@ _GENERATE = textwrap.dedent("""
     import sys
     import numpy as np
     sys.path.insert(0, sys.argv[1])
-    from simfluence_jax import traces
+    from simfluence_jax.traces import contract as traces
     ws, m, n, runs, steps = sys.argv[2], *map(int, sys.argv[3:7])
     rng = np.random.default_rng(0)
     train_ids, test_ids = np.arange(n, dtype=np.int64), np.arange(m, dtype=np.int64)
@@ -51,7 +51,8 @@ _FIT = textwrap.dedent("""
     import json, resource, sys, time
     sys.path.insert(0, sys.argv[1])
     import jax
-    from simfluence_jax import simulators, streaming
+    from simfluence_jax.simulators import simfluence as simulators
+    from simfluence_jax.simulators import streaming
     ws, mode, runs = sys.argv[2], sys.argv[3], int(sys.argv[4])
     ids = [f"run_{r}" for r in range(runs)]
     t = time.perf_counter()

@@ -44,10 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from simfluence_jax import gin_utils
-from simfluence_jax import models
-from simfluence_jax import tasks
-from simfluence_jax import trainer as trainer_lib
+from simfluence_jax.cli import gin_setup as gin_utils
+from simfluence_jax.training import models
+from simfluence_jax.training import tasks
+from simfluence_jax.training import trainer as trainer_lib
 from simfluence_jax import pretrain as pretrain_bin
 from simfluence_jax import train as train_bin
 

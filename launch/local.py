@@ -26,9 +26,9 @@ from absl import app
 from absl import flags
 import gin
 
-from simfluence_jax import atomic_io
-from simfluence_jax import gin_utils
-from simfluence_jax import pipeline
+from simfluence_jax.traces import atomic_io
+from simfluence_jax.cli import gin_setup as gin_utils
+from simfluence_jax.experiments import pipeline
 
 _REDO = flags.DEFINE_list("redo", [], "Stages to run again even if finished.")
 _STOP_AFTER = flags.DEFINE_string("stop_after", None, "Stop after this stage.")

@@ -7,7 +7,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
-# Headless Chromium renders the report in tests/report_test.py (Debian's package; skipped
+# Headless Chromium renders the report in tests/evaluation/reports_test.py (Debian's package; skipped
 # with a stated reason where it cannot be installed).
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
     && [ "$(id -u)" = "0" ]; then

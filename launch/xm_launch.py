@@ -11,7 +11,7 @@ The jobs are the same binaries launch/local.py runs, with the same --gin_file/--
   contents checked) -> fit x simulators -> evaluate x simulators -> report
 
 Each stage waits for the one before; shards and per-simulator jobs run in parallel.
-`--dry_run` prints the job plan (no xmanager needed) — tests/launch_test.py checks it.
+`--dry_run` prints the job plan (no xmanager needed) — tests/experiments/pipeline_test.py checks it.
 
 Vertex AI / TPU requirements (not reachable from this machine): a GCP project with Vertex AI
 enabled, `gcloud auth application-default login`, Docker (xm.python_container builds an
@@ -36,8 +36,8 @@ from absl import app
 from absl import flags
 import gin
 
-from simfluence_jax import gin_utils
-from simfluence_jax import pipeline
+from simfluence_jax.cli import gin_setup as gin_utils
+from simfluence_jax.experiments import pipeline
 
 _EXECUTOR = flags.DEFINE_enum("executor", "local", ["local", "vertex"], "Where jobs run.")
 _TRAIN_SHARDS = flags.DEFINE_integer("train_shards", 1, "Training jobs to split runs over.")

@@ -5,7 +5,9 @@ r"""Scores a fitted simulator on held-out runs and writes metrics.json.
 
 Each run is rolled out from its own observed L_0 along its own curriculum and compared with
 its observed losses: all-steps MSE and final-step Spearman (paper §2.2), mean ± std
-(ddof=0) over runs, per-run values kept.
+(ddof=0) over runs, per-run values kept; the across-run score, and curriculum R² against the
+mean trajectory of the fit's own fit runs (fit.json), whose scores and those of the other
+no-curriculum baseline are written beside the method's under "baselines".
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ import json
 
 from absl import flags
 
-from simfluence_jax import atomic_io
-from simfluence_jax import baselines
-from simfluence_jax import fit_params
-from simfluence_jax import gin_utils
-from simfluence_jax import pipeline
-from simfluence_jax import simulators
+from simfluence_jax.traces import atomic_io
+from simfluence_jax.prior_methods import methods as baselines
+from simfluence_jax.traces import fit_params
+from simfluence_jax.cli import gin_setup as gin_utils
+from simfluence_jax.experiments import pipeline
+from simfluence_jax.simulators import simfluence as simulators
 
 _WORKSPACE = flags.DEFINE_string("workspace", None, "Workspace directory.", required=True)
 _FIT = flags.DEFINE_string("fit", None, "Fit name under fits/.", required=True)
@@ -44,14 +46,17 @@ def main(argv):
   if not run_ids:
     raise ValueError("no runs to score: give --runs=run_x,... or --from_split")
   runs = simulators.read_runs(_WORKSPACE.value, run_ids)
+  # The no-curriculum baselines are the mean trajectory of the fit's own fit runs.
+  fit_runs = simulators.read_runs(_WORKSPACE.value, diagnostics.get("fit_runs") or [])
   if diagnostics.get("rescale"):  # TracIn-CP: the paper's optimal σ (uses ground truth)
-    result = baselines.evaluate_rescaled(params, runs)
+    result = baselines.evaluate_rescaled(params, runs, fit_runs)
   else:
-    result = simulators.evaluate(params, runs, unseen=_UNSEEN.value)
+    result = simulators.evaluate(params, runs, unseen=_UNSEEN.value, fit_runs=fit_runs)
   result = {"fit": _FIT.value, "kind": params.kind, "lam": params.lam, **result}
   output = _OUTPUT.value or f"{_WORKSPACE.value}/fits/{_FIT.value}/metrics.json"
   atomic_io.save_json(output, result)
-  print(json.dumps({k: result[k] for k in ("fit", "mse", "spearman")}))
+  print(json.dumps({k: result[k] for k in ("fit", "mse", "spearman", "curriculum_r2",
+                                           "across_run") if k in result}))
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@ import json
 from absl import flags
 import gin
 
-from simfluence_jax import baselines
-from simfluence_jax import featurized
-from simfluence_jax import fit_params
-from simfluence_jax import gin_utils
-from simfluence_jax import pipeline
-from simfluence_jax import simulators
-from simfluence_jax import streaming
+from simfluence_jax.prior_methods import methods as baselines
+from simfluence_jax.simulators import featurized
+from simfluence_jax.traces import fit_params
+from simfluence_jax.cli import gin_setup as gin_utils
+from simfluence_jax.experiments import pipeline
+from simfluence_jax.simulators import simfluence as simulators
+from simfluence_jax.simulators import streaming
 
 _WORKSPACE = flags.DEFINE_string("workspace", None, "Workspace directory.", required=True)
 _SIMULATOR = flags.DEFINE_enum(

@@ -9,8 +9,8 @@ import json
 
 from absl import flags
 
-from simfluence_jax import gin_utils
-from simfluence_jax import pipeline
+from simfluence_jax.cli import gin_setup as gin_utils
+from simfluence_jax.experiments import pipeline
 
 _WORKSPACE = flags.DEFINE_string("workspace", None, "Destination workspace.", required=True)
 _SOURCES = flags.DEFINE_list("sources", None, "Shard workspaces to merge.", required=True)

@@ -30,11 +30,11 @@ import numpy as np
 import optax
 import tqdm
 
-from simfluence_jax import checkpoints
-from simfluence_jax import gin_utils
-from simfluence_jax import models
-from simfluence_jax import tasks
-from simfluence_jax import trainer as trainer_lib
+from simfluence_jax.training import checkpoints
+from simfluence_jax.cli import gin_setup as gin_utils
+from simfluence_jax.training import models
+from simfluence_jax.training import tasks
+from simfluence_jax.training import trainer as trainer_lib
 
 gin_utils.register_model_config()
 OTHER_BINARIES_CONFIGURABLES = ("run_experiment", "pipeline")

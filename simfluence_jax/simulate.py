@@ -14,10 +14,10 @@ import json
 from absl import flags
 import numpy as np
 
-from simfluence_jax import atomic_io
-from simfluence_jax import fit_params
-from simfluence_jax import gin_utils
-from simfluence_jax import simulators
+from simfluence_jax.traces import atomic_io
+from simfluence_jax.traces import fit_params
+from simfluence_jax.cli import gin_setup as gin_utils
+from simfluence_jax.simulators import simfluence as simulators
 
 _WORKSPACE = flags.DEFINE_string("workspace", None, "Workspace directory.", required=True)
 _FIT = flags.DEFINE_string("fit", None, "Fit name under fits/.", required=True)

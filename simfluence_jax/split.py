@@ -11,8 +11,8 @@ import json
 
 import gin
 
-from simfluence_jax import gin_utils
-from simfluence_jax import pipeline
+from simfluence_jax.cli import gin_setup as gin_utils
+from simfluence_jax.experiments import pipeline
 
 
 def main(argv):

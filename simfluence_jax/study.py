@@ -15,11 +15,11 @@ import pathlib
 
 from absl import flags
 
-from simfluence_jax import atomic_io
-from simfluence_jax import data_efficiency
-from simfluence_jax import gin_utils
-from simfluence_jax import pipeline
-from simfluence_jax import simulators
+from simfluence_jax.traces import atomic_io
+from simfluence_jax.evaluation import data_efficiency
+from simfluence_jax.cli import gin_setup as gin_utils
+from simfluence_jax.experiments import pipeline
+from simfluence_jax.simulators import simfluence as simulators
 
 _WORKSPACE = flags.DEFINE_string("workspace", None, "Workspace directory.", required=True)
 _NUM_RUNS = flags.DEFINE_list("num_runs", ["2", "5", "10", "20"], "Numbers of past runs.")

@@ -49,14 +49,14 @@ import jax
 import numpy as np
 import tqdm
 
-from simfluence_jax import checkpoints
-from simfluence_jax import curricula
-from simfluence_jax import distributed
-from simfluence_jax import gin_utils
-from simfluence_jax import tasks
-from simfluence_jax import traces
-from simfluence_jax import trainer as trainer_lib
-from simfluence_jax import models
+from simfluence_jax.training import checkpoints
+from simfluence_jax.training import curricula
+from simfluence_jax.training import distributed
+from simfluence_jax.cli import gin_setup as gin_utils
+from simfluence_jax.training import tasks
+from simfluence_jax.traces import contract as traces
+from simfluence_jax.training import trainer as trainer_lib
+from simfluence_jax.training import models
 
 gin_utils.register_model_config()
 # Experiment files also bind pretrain.py's function; this binary ignores those bindings.

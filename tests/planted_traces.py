@@ -5,7 +5,7 @@ A known simulator (A, B) generates every run, so a fit can be judged against the
 
 import numpy as np
 
-from simfluence_jax.traces import RunTrace
+from simfluence_jax.traces.contract import RunTrace
 
 
 def rank2(m: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
