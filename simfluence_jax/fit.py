@@ -23,11 +23,13 @@ from simfluence_jax.simulators import streaming
 _WORKSPACE = flags.DEFINE_string("workspace", None, "Workspace directory.", required=True)
 _SIMULATOR = flags.DEFINE_enum(
     "simulator", "linear",
-    list(simulators.KINDS) + sorted(simulators.ALIASES) + list(baselines.SIMULATORS) +
-    ["featurized"],
-    "Which simulator to fit (tracin_ideal is an alias of additive, paper §4.1; "
-    f"{', '.join(baselines.SIMULATORS)} are the gradient baselines of baselines.py, which "
-    "read the fit runs' checkpoints).")
+    list(simulators.SIMULATORS) + list(baselines.SIMULATORS) + ["featurized"],
+    "Which simulator to fit. linear / additive / multiplicative: the variant (paper, "
+    "centred, gamma, rho_gamma: simulators/simfluence.py VARIANTS) that validates best on "
+    "--val_runs; <kind>_<variant> fixes one, e.g. linear_paper is the paper's Eq. 2 exactly; "
+    "tracin_ideal = additive_paper (paper §4.1). "
+    f"{', '.join(baselines.SIMULATORS)} are the gradient baselines (prior_methods/), which "
+    "read the fit runs' checkpoints.")
 _CHECKPOINTS = flags.DEFINE_string(
     "checkpoints", "available", "Gradient baselines: checkpoint steps to use, comma-separated, "
     "'available' (every saved checkpoint of a run), 'tracin' (the trainer's 10 evenly spaced "
@@ -54,6 +56,15 @@ _LAM = flags.DEFINE_float("lam", None, "L2 weight λ; if unset, chosen from --la
 _LAM_GRID = flags.DEFINE_list(
     "lam_grid", None, "λ candidates, scored by all-steps MSE of rollouts on --val_runs "
     f"(default: gin `fit_options.lam_grid`, else {list(simulators.DEFAULT_LAM_GRID)}).")
+_LAM_STEP = flags.DEFINE_float(
+    "lam_step", None, "Step terms' penalty λ_s; if unset, chosen from --lam_step_grid.")
+_LAM_STEP_GRID = flags.DEFINE_list(
+    "lam_step_grid", None, "λ_s candidates (default: gin `fit_options.lam_step_grid`, else "
+    f"{list(simulators.DEFAULT_LAM_STEP_GRID)}).")
+_BEYOND = flags.DEFINE_enum(
+    "beyond", None, ["hold", "zero"], "Step terms past the fit runs' length (a longer "
+    "curriculum): hold the last step's terms, or drop them (default: gin "
+    "`fit_options.beyond`, else hold; WORKSPACE.md).")
 _STREAMING = flags.DEFINE_enum(
     "streaming", None, ["auto", "normal", "pcg"],
     "linear/additive/multiplicative: fit chunk by chunk of test examples with the runs read "
@@ -64,9 +75,12 @@ _NAME = flags.DEFINE_string("name", None, "Fit name: writes fits/<name>/.", requ
 
 
 @gin.configurable
-def fit_options(*, lam_grid=simulators.DEFAULT_LAM_GRID, chunk_size=None):
+def fit_options(*, lam_grid=simulators.DEFAULT_LAM_GRID,
+                lam_step_grid=simulators.DEFAULT_LAM_STEP_GRID, beyond="hold",
+                chunk_size=None):
   """Everything else about a fit, set with --gin_file / --gin.fit_options.NAME=VALUE."""
-  return {"lam_grid": tuple(lam_grid), "chunk_size": chunk_size}
+  return {"lam_grid": tuple(lam_grid), "lam_step_grid": tuple(lam_step_grid),
+          "beyond": beyond, "chunk_size": chunk_size}
 
 
 def main(argv):
@@ -83,8 +97,12 @@ def main(argv):
     grid = [float(x) for x in (_LAM_GRID.value or options["lam_grid"])]
   except ValueError:
     raise ValueError(f"--lam_grid must be numbers, got {_LAM_GRID.value}") from None
+  try:
+    step_grid = [float(x) for x in (_LAM_STEP_GRID.value or options["lam_step_grid"])]
+  except ValueError:
+    raise ValueError(f"--lam_step_grid must be numbers, got {_LAM_STEP_GRID.value}") from None
   if _STREAMING.value is not None:
-    if _SIMULATOR.value not in simulators.KINDS + tuple(simulators.ALIASES):
+    if _SIMULATOR.value not in simulators.SIMULATORS:
       raise ValueError(f"--streaming fits Simfluence simulators {simulators.KINDS}, not "
                        f"{_SIMULATOR.value!r}")
     params, diagnostics = streaming.fit_streaming(
@@ -112,13 +130,15 @@ def main(argv):
   else:
     params, diagnostics = simulators.fit(
         fit_runs, simulator=_SIMULATOR.value, lam=_LAM.value, lam_grid=grid,
-        val_runs=val_runs, chunk_size=options["chunk_size"])
+        val_runs=val_runs, chunk_size=options["chunk_size"], lam_step=_LAM_STEP.value,
+        lam_step_grid=step_grid, beyond=_BEYOND.value or options["beyond"])
   _write(params, diagnostics)
 
 
 def _write(params, diagnostics):
   path = fit_params.save_fit(_WORKSPACE.value, _NAME.value, params, diagnostics)
   print(json.dumps({"fit": _NAME.value, "path": str(path), "kind": params.kind,
+                    "variant": diagnostics.get("variant"),
                     "lam": params.lam, "m": int(params.A.shape[0]),
                     "n": int(params.A.shape[1]),
                     "seconds": diagnostics["timings_s"]["total"]}))

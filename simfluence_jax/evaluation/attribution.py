@@ -43,10 +43,11 @@ from simfluence_jax.simulators import rollout as rollout_lib
 DEFAULT_CHUNK_SIZE = 128
 
 
-def _removal_chunk(a, b, batches, initial_losses, removed, *, kind):
+def _removal_chunk(a, b, batches, initial_losses, rho_t, gamma_t, removed, *, kind):
   """Final losses of the reference run and of |chunk| leave-one-out runs, in one scan.
 
-  a, b [m, n]; batches int32 [T, k]; initial_losses [m]; removed int32 [c] positions.
+  a, b [m, n]; batches int32 [T, k]; initial_losses [m]; rho_t, gamma_t [T, m] the step
+  terms of each step (zeros: none); removed int32 [c] positions.
   Returns (final_ref [m], final_removed [c, m]).
   """
   def coefficients(batch, weights):                      # weights [..., k] -> [..., m]
@@ -56,7 +57,8 @@ def _removal_chunk(a, b, batches, initial_losses, removed, *, kind):
             else weights @ jnp.take(b, jnp.where(batch >= 0, batch, 0), axis=1).T)
     return alpha, beta
 
-  def step(carry, batch):
+  def step(carry, xs):
+    batch, rho, gamma = xs
     ref, cf = carry                                       # [m], [c, m]
     valid = batch >= 0                                    # [k]
     keep = valid[None, :] & (batch[None, :] != removed[:, None])      # [c, k]
@@ -67,23 +69,24 @@ def _removal_chunk(a, b, batches, initial_losses, removed, *, kind):
     alpha_c, beta_c = coefficients(batch, w_cf)           # [c, m]
     act_r = jnp.any(valid)                                # an all-pad batch is identity
     act_c = jnp.any(keep, axis=1)[:, None]                # [c, 1]
-    ref = jnp.where(act_r, alpha_r * ref + beta_r, ref)
-    cf = jnp.where(act_c, alpha_c * cf + beta_c, cf)
+    ref = jnp.where(act_r, (alpha_r + rho) * ref + beta_r + gamma, ref)
+    cf = jnp.where(act_c, (alpha_c + rho) * cf + beta_c + gamma, cf)
     return (ref, cf), None
 
   cf0 = jnp.broadcast_to(initial_losses, removed.shape + initial_losses.shape)
-  (ref, cf), _ = jax.lax.scan(step, (initial_losses, cf0), batches)
+  (ref, cf), _ = jax.lax.scan(step, (initial_losses, cf0), (batches, rho_t, gamma_t))
   return ref, cf
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "chunk_size"))
-def _removal_effects_jit(a, b, batches, initial_losses, *, kind, chunk_size):
+def _removal_effects_jit(a, b, batches, initial_losses, rho_t, gamma_t, *, kind, chunk_size):
   n = a.shape[1]
   num_chunks = -(-n // chunk_size)
   # pad the position list to whole chunks with position 0 (its extra results are dropped).
   positions = jnp.arange(num_chunks * chunk_size, dtype=jnp.int32)
   positions = jnp.where(positions < n, positions, 0).reshape(num_chunks, chunk_size)
-  fn = functools.partial(_removal_chunk, a, b, batches, initial_losses, kind=kind)
+  fn = functools.partial(_removal_chunk, a, b, batches, initial_losses, rho_t, gamma_t,
+                         kind=kind)
   ref, cf = jax.lax.map(lambda removed: fn(removed), positions)   # [N, m], [N, c, m]
   ref = ref[0]
   cf = cf.reshape(num_chunks * chunk_size, -1)[:n]                  # [n, m]
@@ -91,7 +94,8 @@ def _removal_effects_jit(a, b, batches, initial_losses, *, kind, chunk_size):
 
 
 def removal_effects(A, B, *, kind: str, batches, initial_losses,
-                    chunk_size: int | None = None) -> jax.Array:
+                    chunk_size: int | None = None, rho=None, gamma=None,
+                    beyond: str = "hold") -> jax.Array:
   """Simulated leave-one-out effect of every training example on every test example.
 
   Args:
@@ -101,6 +105,7 @@ def removal_effects(A, B, *, kind: str, batches, initial_losses,
     initial_losses: [m] L_0 of the reference run.
     chunk_size: training examples removed per vectorised scan (memory O(chunk·m) per step);
       default min(n, 128). Results do not depend on it.
+    rho, gamma, beyond: the fit's run-shared step terms (rollout.rollout).
 
   Returns:
     [m, n]: effect[z, i] = final loss without z_i − final loss with it (> 0 proponent,
@@ -120,8 +125,11 @@ def removal_effects(A, B, *, kind: str, batches, initial_losses,
   if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
   dtype = rollout_lib._common_float_dtype(a, b, l0)            # pylint: disable=protected-access
+  rho_t, gamma_t = rollout_lib.step_terms_per_step(rho, gamma, batches.shape[0], m, dtype,
+                                                   beyond)
   return _removal_effects_jit(a.astype(dtype), b.astype(dtype), batches,
-                              l0.astype(dtype), kind=kind, chunk_size=int(min(chunk_size, n)))
+                              l0.astype(dtype), rho_t, gamma_t, kind=kind,
+                              chunk_size=int(min(chunk_size, n)))
 
 
 def step_effects(A, B, *, kind: str, loss_level, batch_size: int) -> jax.Array:
@@ -210,7 +218,8 @@ def rank(scores, train_ids, top_k: int, *, higher_is_helpful: bool = True) -> Ra
 
 
 def repacked_removal_effects(A, B, *, kind: str, batches, initial_losses,
-                             chunk_size: int | None = None) -> np.ndarray:
+                             chunk_size: int | None = None, rho=None, gamma=None,
+                             beyond: str = "hold") -> np.ndarray:
   """Leave-one-out effects where the run is re-packed into full batches without z_i.
 
   Simfluence's α(c) = Σ_{i∈c} A_i sums over the batch, so a batch with an empty slot (the
@@ -221,7 +230,8 @@ def repacked_removal_effects(A, B, *, kind: str, batches, initial_losses,
   the run by |T_i|/k steps instead: the faithful "train without z_i" at a fixed batch size.
 
   Same arguments and orientation as `removal_effects` (> 0 proponent); numpy [m, n].
-  Examples absent from the curriculum get exactly 0.
+  Examples absent from the curriculum get exactly 0. With step terms, the shortened run
+  also misses its last steps' shared terms — as the real shortened run misses those steps.
   """
   from simfluence_jax.evaluation import counterfactuals  # pylint: disable=g-import-not-at-top
   a, b = np.asarray(A), np.asarray(B)
@@ -229,8 +239,9 @@ def repacked_removal_effects(A, B, *, kind: str, batches, initial_losses,
   batches = np.asarray(batches)
   m, n = a.shape
   chunk_size = int(chunk_size or min(n, DEFAULT_CHUNK_SIZE))
+  terms = {"rho": rho, "gamma": gamma, "beyond": beyond}
   reference = np.asarray(rollout_lib.rollout(a, b, kind=kind, batches=batches,
-                                             initial_losses=l0))[-1]
+                                             initial_losses=l0, **terms))[-1]
   present = np.unique(batches[batches >= 0])
   out = np.zeros((m, n), dtype=np.result_type(a.dtype, l0.dtype))
   for start in range(0, present.size, chunk_size):
@@ -238,6 +249,7 @@ def repacked_removal_effects(A, B, *, kind: str, batches, initial_losses,
     curricula = [counterfactuals.remove_examples(batches, [int(i)]) for i in chunk]
     stacked, mask = rollout_lib.pad_curricula(curricula)
     finals = np.asarray(rollout_lib.rollout_many(
-        a, b, kind=kind, batches=stacked, initial_losses=l0, step_mask=mask))[:, -1]
+        a, b, kind=kind, batches=stacked, initial_losses=l0, step_mask=mask,
+        **terms))[:, -1]
     out[:, chunk] = (finals - reference).T                       # [m, chunk]
   return out

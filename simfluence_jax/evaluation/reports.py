@@ -43,18 +43,30 @@ from simfluence_jax.evaluation import report_plots
 from simfluence_jax.simulators import rollout as rollout_lib
 from simfluence_jax.simulators import simfluence as simulators
 from simfluence_jax.traces import contract as traces
+from simfluence_jax.yardstick import baselines
 
+# Table labels of every `simfluence_jax.fit --simulator` name (experiments use these too).
 LABELS = {
-    "linear": "Simfluence-Linear",
-    "additive": "Simfluence-Additive (TracIn-Ideal)",
-    "tracin_ideal": "Simfluence-Additive (TracIn-Ideal)",
-    "multiplicative": "Simfluence-Multiplicative",
-    "tracin_cp": "TracIn-CP",
-    "tracin_cp_all": "TracIn-CP (all checkpoints)",
+    "linear": "Simfluence-Linear (default: best-validated variant)",
+    "additive": "Simfluence-Additive (best-validated variant)",
+    "multiplicative": "Simfluence-Multiplicative (best-validated variant)",
+    "linear_paper": "Simfluence-Linear (paper)",
+    "additive_paper": "Simfluence-Additive = TracIn-Ideal (paper)",
+    "tracin_ideal": "Simfluence-Additive = TracIn-Ideal (paper)",
+    "multiplicative_paper": "Simfluence-Multiplicative (paper)",
+    "tracin_cp": "TracIn-CP (10 ckpts)",
+    "tracin_cp_all": "TracIn-CP (all steps)",
     "influence": "Influence functions (EK-FAC)",
-    "source": "Source",
+    "source": "Source (EK-FAC, segments)",
     "hypothetical_linear": "Hypothetical Simfluence-Linear",
+    "featurized": "Featurized Simfluence (rank 4)",
 }
+for _kind in ("linear", "additive", "multiplicative"):
+  for _variant in ("centred", "gamma", "rho_gamma"):
+    LABELS.setdefault(f"{_kind}_{_variant}",
+                      f"Simfluence-{_kind.capitalize()} ({_variant.replace('_', '+')})")
+VARIANT_LABELS = {"paper": "paper", "centred": "centred", "gamma": "+γ_t",
+                  "rho_gamma": "+ρ_t, γ_t"}
 GROUND_TRUTH_FLAG = "uses ground-truth rescaling"
 NUM_EXAMPLES = 6
 TOP_K = 3
@@ -212,27 +224,56 @@ def _header(page: _Page, workspace: pathlib.Path, experiment, run_ids, heldout, 
                      f"{html.escape(gin.read_text()[:20000])}</pre></details>")
 
 
+def _variant(f: Fit) -> str:
+  v = f.diagnostics.get("variant")
+  if v is None:
+    return "–"
+  text = VARIANT_LABELS.get(v, v)
+  edge = f.diagnostics.get("grid_edge") or {}
+  return text + (" (λ at grid edge: " + ", ".join(f"{k} {e}" for k, e in edge.items()) + ")"
+                 if edge else "")
+
+
 def _results_table(page: _Page, fits: list[Fit]):
-  page.heading("1. Held-out accuracy (Table 1)")
-  mses = [f.metrics["mse"]["mean"] for f in fits]
-  rhos = [f.metrics["spearman"]["mean"] for f in fits]
-  bold = set()
-  finite = lambda v: [x if x is not None and np.isfinite(x) else np.nan for x in v]
-  if np.isfinite(finite(mses)).any():
-    bold.add((int(np.nanargmin(finite(mses))), 1))
-  if np.isfinite(finite(rhos)).any():
-    bold.add((int(np.nanargmax(finite(rhos))), 2))
-  rows = []
+  page.heading("1. Held-out accuracy (Table 1), beside ignoring the curriculum")
+  base = next((f.metrics["baselines"] for f in fits if f.metrics.get("baselines")), None)
+  rows, cells = [], []
   for f in fits:
     timing = (f.diagnostics.get("timings_s") or {}).get("total")
     label = f.label + (f" [{GROUND_TRUTH_FLAG}]" if f.rescaled else "")
-    rows.append([label, format_pm(f.metrics["mse"]), format_pm(f.metrics["spearman"]),
-                 format_number(f.metrics.get("lam", f.params.lam)),
-                 format_number(timing), str(len(f.metrics.get("per_run", [])))])
-  page.table(["Method", "All-steps MSE ↓", "Final-step Spearman ↑", "λ", "fit s",
-              "held-out runs"], rows, bold)
+    cells.append((label, _variant(f), format_number(f.metrics.get("lam", f.params.lam)),
+                  f.metrics, format_number(timing)))
+  for name, m in (base or {}).items():
+    cells.append((baselines.LABELS.get(name, name), "no curriculum", "–", m, "–"))
+  cols = [("mse", min), ("curriculum_r2", max), ("spearman", max), ("across_run", max)]
+
+  def value(m, key):
+    v = m.get(key)
+    v = v.get("mean") if isinstance(v, dict) else v
+    return np.nan if v is None or not np.isfinite(v) else float(v)
+  bold = set()
+  for j, (key, pick) in enumerate(cols):
+    vals = [value(c[3], key) for c in cells]
+    if np.isfinite(vals).any():
+      best = (np.nanargmin if pick is min else np.nanargmax)(vals)
+      bold.add((int(best), 3 + j))
+  for label, variant, lam, m, timing in cells:
+    across = m.get("across_run") or {}
+    across_text = (format_number(across.get("mean")) +
+                   (f" ({across['n_defined']}/{across['n']})" if across.get("n") else ""))
+    rows.append([label, variant, lam, format_pm(m["mse"]),
+                 format_number(m.get("curriculum_r2")), format_pm(m["spearman"]),
+                 across_text, timing, str(len(m.get("per_run", [])))])
+  page.table(["Method", "Variant", "λ", "All-steps MSE ↓", "Curriculum R² ↑",
+              "Final-step Spearman ↑", "Across-run ↑", "fit s", "held-out runs"], rows, bold)
   page.para("Mean ± std (ddof=0) over held-out runs, from each fit's metrics.json "
-            "(simfluence_jax.evaluate). Best per column in bold.")
+            "(simfluence_jax.evaluate). Best per column in bold. The last rows ignore the "
+            "curriculum: the mean trajectory of the fit runs, and the initial loss. "
+            "Curriculum R² = 1 − Σ(L − L̂)²/Σ(L − L̄)² over held-out runs and steps, L̄ the "
+            "mean trajectory: > 0 means a method beats ignoring the curriculum. Across-run: "
+            "per test example, Spearman over held-out runs of simulated vs observed final "
+            "loss, averaged (defined/total test examples; undefined for a prediction that "
+            "is the same in every run).")
 
 
 def _trajectory_section(page, fits, run, test_examples, colors):
@@ -265,12 +306,13 @@ def _scatter_section(page, fits, heldout_runs, colors):
 def _attribution_section(page, best: Fit, run, cols, train_examples, test_examples):
   page.heading(f"4. Top proponents and opponents ({best.label}, run {run.run_id})")
   params, _ = simulators.impute_unseen(best.params, run.curriculum)
-  sel = simulators.columns_of(params, run)[cols]
-  a, b = np.asarray(params.A)[sel], np.asarray(params.B)[sel]
+  sub = fit_params.select_tests(params, simulators.columns_of(params, run)[cols])
+  rho, gamma = sub.step_terms()
   effects = attribution.repacked_removal_effects(
-      a, b, kind=params.kind, batches=rollout_lib.ids_to_positions(run.curriculum,
-                                                                   params.train_ids),
-      initial_losses=np.asarray(run.losses[0], np.float32)[cols])
+      sub.A, sub.B, kind=params.kind,
+      batches=rollout_lib.ids_to_positions(run.curriculum, params.train_ids),
+      initial_losses=np.asarray(run.losses[0], np.float32)[cols], rho=rho, gamma=gamma,
+      beyond=params.beyond)
   ranking = attribution.rank(np.asarray(effects), params.train_ids, TOP_K)
   page.para("Simulated leave-one-out effect on the final loss (repacked_removal_effects: "
             "final loss without the example, batches re-packed, − with it; > 0 proponent, "

@@ -24,6 +24,7 @@ import numpy as np
 from simfluence_jax.traces import atomic_io
 from simfluence_jax.evaluation import attribution
 from simfluence_jax.evaluation import counterfactuals
+from simfluence_jax.evaluation import reports
 from simfluence_jax.traces import fit_params
 from simfluence_jax.simulators import rollout
 from simfluence_jax.simulators import simfluence as simulators
@@ -32,18 +33,7 @@ from simfluence_jax.traces import contract as traces
 _DEFAULT_LAM_GRID = simulators.DEFAULT_LAM_GRID
 EXPERIMENT_FILE = "experiment.json"
 COUNTERFACTUAL_DIR = "counterfactuals"
-SIMULATOR_LABELS = {
-    "linear": "Simfluence-Linear",
-    "additive": "Simfluence-Additive (TracIn-Ideal)",
-    "tracin_ideal": "Simfluence-Additive (TracIn-Ideal)",
-    "multiplicative": "Simfluence-Multiplicative",
-    "tracin_cp": "TracIn-CP (10 ckpts)",
-    "tracin_cp_all": "TracIn-CP (all steps)",
-    "influence": "Influence functions (EK-FAC)",
-    "source": "Source (EK-FAC, segments)",
-    "hypothetical_linear": "Hypothetical Simfluence-Linear",
-    "featurized": "Featurized Simfluence (rank 4)",
-}
+SIMULATOR_LABELS = reports.LABELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,12 +116,13 @@ def make_counterfactuals(workspace, *, fit_name: str, config: PipelineConfig,
   base_id = base_run or experiment["split"]["heldout"][0]
   base = traces.read_run(workspace, base_id)
   params, _ = fit_params.load_fit(workspace, fit_name)
-  cols = simulators.columns_of(params, base)
-  a, b = np.asarray(params.A)[cols], np.asarray(params.B)[cols]
+  sub = fit_params.select_tests(params, simulators.columns_of(params, base))
+  rho, gamma = sub.step_terms()
   l0 = np.asarray(base.losses[0], np.float32)
   effects = np.asarray(attribution.repacked_removal_effects(
-      a, b, kind=params.kind, batches=_positions(params, base.curriculum),
-      initial_losses=l0))                                    # [m, n], > 0 = proponent
+      sub.A, sub.B, kind=params.kind, batches=_positions(params, base.curriculum),
+      initial_losses=l0, rho=rho, gamma=gamma,
+      beyond=params.beyond))                                 # [m, n], > 0 = proponent
   top = np.sort(effects, axis=1)[:, ::-1][:, :config.num_removed]
   target_col = int(np.argmax(top.sum(axis=1)))
   test_id = int(base.test_ids[target_col])

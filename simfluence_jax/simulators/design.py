@@ -10,7 +10,8 @@ examples at once; the batch matrix Q (S × n, Q[s, i] = multiplicity of example 
 is shared by all z and stored sparsely as `batches` (positions, -1 = pad). An id listed twice
 in one batch gives Q[s, i] = 2: α and β then count it twice, as in the rollout.
 
-Shapes:  batches int32 [S, k];  prev, target, mask float [S, m];  num_train = n (aux data).
+Shapes:  batches int32 [S, k];  prev, target, mask float [S, m];  steps int32 [S];
+         num_train = n (aux data).
 
 NaN safety: `mask` is 1.0 exactly where both L_{t-1} and L_t are finite (and the batch holds
 at least one example); wherever mask is 0, `prev` and `target` are stored as 0.0, so a
@@ -45,12 +46,15 @@ class Transitions:
     target: float [S, m] observed L_t(z) (0.0 where mask is 0).
     mask: float [S, m] 1.0 where both losses are recorded and finite, else 0.0.
     num_train: n, the number of train positions (columns of A and B).
+    steps: int32 [S] each row's step within its run (0-based: row s is the transition
+      L_{t-1} -> L_t with t = steps[s] + 1); the step terms' index. None when unknown.
   """
   batches: np.ndarray
   prev: np.ndarray
   target: np.ndarray
   mask: np.ndarray
   num_train: int
+  steps: np.ndarray | None = None
 
   @property
   def num_steps(self) -> int:
@@ -62,7 +66,8 @@ class Transitions:
 
 
 jax.tree_util.register_dataclass(
-    Transitions, data_fields=["batches", "prev", "target", "mask"], meta_fields=["num_train"])
+    Transitions, data_fields=["batches", "prev", "target", "mask", "steps"],
+    meta_fields=["num_train"])
 
 
 def _aligned_empty(shape, dtype) -> np.ndarray:
@@ -173,7 +178,10 @@ def build_transitions(runs: Sequence, *, train_ids, test_ids) -> Transitions:
     np.logical_not(ok, out=ok)
     np.copyto(p, 0, where=ok)
     np.copyto(t, 0, where=ok)
-  return Transitions(batches=batches, prev=prev, target=target, mask=mask, num_train=n)
+  steps = np.concatenate([np.arange(pos.shape[0], dtype=np.int32) for pos, _, _ in checked]
+                         or [np.zeros((0,), np.int32)])
+  return Transitions(batches=batches, prev=prev, target=target, mask=mask, num_train=n,
+                     steps=steps)
 
 
 def step_counts(tr: Transitions) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Closed-form ridge solvers of Simfluence's objective (paper Eq. 2/3, Appendix A.1).
+"""Closed-form ridge solvers of Simfluence's objective (paper Eq. 2/3, Appendix A.1), and of
+its extension with run-shared step terms and centred shrinkage.
 
 For each test example z independently (all m at once), with Q the S × n batch matrix
 (Q[s, i] = multiplicity of train position i in batch s, shared by every z) and, per z, the
@@ -14,21 +15,38 @@ i.e. ridge regression with design X = [diag(x) Q, Q] (Eq. 13). Its normal equati
 kind "additive" (α ≡ 1, TracIn-Ideal): (Qᵀ D_1 Q + λI) B = Qᵀ(μ (y − x)), A = 0;
 kind "multiplicative" (β ≡ 0):        (Qᵀ D_xx Q + λI) A = Qᵀ(μ x y),   B = 0.
 
+**Extensions (`Terms`, ours).**
+  * Step terms: L_t = α(c_t) L_{t-1} + β(c_t) + ρ_t L_{t-1} + γ_t, with ρ_t(z), γ_t(z)
+    shared by every run at step t (what every curriculum does at step t, whatever its
+    batch: the answer format being learned, the step-size schedule). With E the S × T
+    one-hot of each transition's step, the design gains the columns [diag(x) E, E] (or
+    either one), penalised by λ_s ‖ρ‖² + λ_s ‖γ‖².
+  * Centred shrinkage: A_i = ā + δA_i, B_i = b̄ + δB_i with ā, b̄ free and only δ penalised.
+    Minimising over ā gives the penalty λ ‖(I − J/n) A‖² (J = 11ᵀ; likewise for B): strong
+    regularisation tends to one shared dynamic, not to A = B = 0.
+
 `solve_dense_reference` builds X per z explicitly in float64 numpy (the tests' oracle).
 
-`solve` / `solve_path` are the production solvers — batched preconditioned conjugate
-gradients (PCG) over test examples ("lanes"):
+`solve` / `solve_path` (the paper's problem) and `solve_path_with_terms` are the production
+solvers — batched preconditioned conjugate gradients (PCG) over test examples ("lanes"):
   * Matrix-free: Q w is k row-gathers per step and Qᵀ v k row-scatter-adds (one per batch
     slot), so a matvec costs O(S·k) per lane instead of O(n²); arrays are [rows, lanes].
+  * Step terms are eliminated exactly, step by step: each enters only the rows of its own
+    step, so for fixed (A, B) the optimal θ_t = (ρ_t, γ_t) is the 2 × 2 solve
+    θ_t = M_t⁻¹ Σ_{s∈t} μ_s u_s r_s, u_s = (x_s, 1), M_t = Σ_{s∈t} μ_s u_s u_sᵀ + λ_s I,
+    r = y − X w. PCG then runs on the Schur complement H' = Xᵀ D (I − P) X with the
+    projection P v = U θ(v) (two segment sums over steps per matvec), and θ is recovered
+    from the final residual.
+  * Centred shrinkage changes only the penalty's matvec (λ (w − mean(w))).
   * Preconditioner: the exact inverse of each train example's 2 × 2 diagonal block
-    [[Σ μx²q², Σ μxq²], [Σ μxq², Σ μq²]] + λI — exact when the batch size is 1 (Eq. 4
-    decouples per example). The preconditioned spectrum is then Marchenko-Pastur-like,
-    ≈ [(1 − √(2n/S))², (1 + √(2n/S))²] from the random batch coupling, plus two outliers ≈ k
-    (the common A and B modes): ~11 iterations few-shot, ~20 many-shot at tol 1e-6.
-  * Coarse space V = [1_A, 1_B] (see `_System`): CG starts from the best fit with all A_i
-    equal and all B_i equal (a 2 × 2 solve per lane). Deflating every search direction
-    against V (Saad et al. 2000) saved 19% CPU few-shot on planted traces but diverged on
-    random losses (tests/ridge_test.py), so it is switched off (`deflate_steps=False`).
+    [[Σ μx²q², Σ μxq²], [Σ μxq², Σ μq²]] + λI of the paper's H — exact when the batch size is
+    1 (Eq. 4 decouples per example). The preconditioned spectrum is then Marchenko-Pastur-
+    like, ≈ [(1 − √(2n/S))², (1 + √(2n/S))²] from the random batch coupling, plus two
+    outliers ≈ k (the common A and B modes): ~11 iterations few-shot, ~20 many-shot.
+  * Coarse start (paper's problem only): V = [1_A, 1_B] (see `_System`): CG starts from the
+    best fit with all A_i equal and all B_i equal (a 2 × 2 solve per lane). With step terms
+    or centring those common modes are (nearly) absorbed by ρ, γ or ā, b̄, so CG starts
+    from 0 (from the previous λ's solution along a λ path).
   * Stopping: each lane stops updating (α_cg = 0) once ‖r‖ ≤ tol·‖rhs‖ for its own residual,
     so a lane's result does not depend on which other lanes share its chunk or window.
   * Layout: lanes run in chunks of `chunk_size` inside one jitted `fori_loop`, so a chunk's
@@ -42,9 +60,10 @@ float32 results are within ~1e-4 of the float64 solution relative to max |parame
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import os
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -60,22 +79,68 @@ def _check_kind(kind: str) -> str:
   return kind
 
 
+@dataclasses.dataclass(frozen=True)
+class Terms:
+  """The terms of the fitted model beyond the paper's A, B (all off = the paper's Eq. 2).
+
+  rho, gamma: fit run-shared step terms ρ_t (times L_{t-1}) and γ_t, one per step t of the
+    fit runs and test example, penalised by lam_step (absolute, like λ).
+  centred: shrink A and B toward their mean over the train examples instead of toward 0.
+  """
+  rho: bool = False
+  gamma: bool = False
+  lam_step: float = 1e-4
+  centred: bool = False
+
+  @property
+  def has_steps(self) -> bool:
+    return self.rho or self.gamma
+
+  @property
+  def is_paper(self) -> bool:
+    return not (self.has_steps or self.centred)
+
+
+PAPER = Terms()
+
+
+class Solution(NamedTuple):
+  """One λ's solution: A, B [m, n]; rho, gamma [m, T] (T = 0 when not fitted)."""
+  A: jax.Array
+  B: jax.Array
+  rho: jax.Array
+  gamma: jax.Array
+
+
+def num_fit_steps(tr) -> int:
+  """T: the number of step terms per test example (the longest fit run's length)."""
+  steps = getattr(tr, "steps", None)
+  if steps is None:
+    raise ValueError("step terms need Transitions.steps (the step index of each row); "
+                     "build the Transitions with design.build_transitions")
+  steps = np.asarray(steps)
+  return int(steps.max()) + 1 if steps.size else 0
+
+
 def _dense_q(batches: np.ndarray, n: int) -> np.ndarray:
-  """float64 [S, n] batch matrix with multiplicities (an id twice in a batch gives 2)."""
-  q = np.zeros((batches.shape[0], n))
-  for s, row in enumerate(np.asarray(batches)):
-    for i in row:
-      if i >= 0:
-        q[s, i] += 1.0
+  b = np.asarray(batches)
+  q = np.zeros((b.shape[0], n))
+  for j in range(b.shape[1]):
+    ok = b[:, j] >= 0
+    np.add.at(q, (np.nonzero(ok)[0], b[ok, j]), 1.0)
   return q
 
 
-def solve_dense_reference(tr, *, kind: str, lam: float) -> tuple[np.ndarray, np.ndarray]:
-  """Eq. 13 solved per test example with an explicit float64 design matrix.
+def solve_dense_reference(tr, *, kind: str, lam: float, terms: Terms = PAPER):
+  """Eq. 13 (with `terms`) solved per test example with an explicit float64 design matrix.
 
-  For each z: rows s with mask 1, X = [x·Q, Q] (or Q / x·Q for the ablations), and
-  w = argmin ‖y − Xw‖² + λ‖w‖² via lstsq on the stacked system [X; √λ I] (min-norm at λ=0).
-  Returns float64 A, B [m, n].
+  For each z: rows s with mask 1, X = [x·Q, Q] (or Q / x·Q for the ablations), plus
+  [x·E, E] for the step terms (E the one-hot of each row's step), and
+  w = argmin ‖y − Xw‖² + ‖Γ w‖² via lstsq on the stacked system [X; Γ] (min-norm at λ = 0),
+  Γ = √λ I on A, B (√λ (I − J/n) per half when centred) and √λ_s I on ρ, γ — with both
+  step terms, on ρ_t and γ'_t = γ_t + ρ_t x̄_t (x̄_t the step's mean recorded L_{t-1}: the
+  model in the step-centred basis (x − x̄_t)·E, E, as the production solver solves it).
+  Returns float64 (A, B) [m, n] for the paper's terms, else a Solution (numpy float64).
   """
   _check_kind(kind)
   n = tr.num_train
@@ -83,26 +148,51 @@ def solve_dense_reference(tr, *, kind: str, lam: float) -> tuple[np.ndarray, np.
   prev, target = np.asarray(tr.prev, np.float64), np.asarray(tr.target, np.float64)
   mask = np.asarray(tr.mask) > 0
   m = prev.shape[1]
+  num_t = num_fit_steps(tr) if terms.has_steps else 0
+  e = np.zeros((q.shape[0], num_t))
+  if num_t:
+    e[np.arange(q.shape[0]), np.asarray(tr.steps)] = 1.0
   a_out, b_out = np.zeros((m, n)), np.zeros((m, n))
+  rho_out, gamma_out = np.zeros((m, num_t)), np.zeros((m, num_t))
+  halves = {"linear": ("A", "B"), "additive": ("B",), "multiplicative": ("A",)}[kind]
+  shrink = np.eye(n) - (np.ones((n, n)) / n if terms.centred else 0.0)
   for z in range(m):
     rows = mask[:, z]
-    qz, x, y = q[rows], prev[rows, z], target[rows, z]
-    if kind == "linear":
-      design, rhs = np.concatenate([x[:, None] * qz, qz], axis=1), y
-    elif kind == "additive":
-      design, rhs = qz, y - x
-    else:
-      design, rhs = x[:, None] * qz, y
-    p = design.shape[1]
-    stacked = np.concatenate([design, np.sqrt(lam) * np.eye(p)])
-    w = np.linalg.lstsq(stacked, np.concatenate([rhs, np.zeros(p)]), rcond=None)[0]
-    if kind == "linear":
-      a_out[z], b_out[z] = w[:n], w[n:]
-    elif kind == "additive":
-      b_out[z] = w
-    else:
-      a_out[z] = w
-  return a_out, b_out
+    qz, x, y, ez = q[rows], prev[rows, z], target[rows, z], e[rows]
+    cols = [x[:, None] * qz if h == "A" else qz for h in halves]
+    pens = [np.sqrt(lam) * shrink for _ in halves]
+    xbar = np.zeros(num_t)
+    if terms.rho and terms.gamma:   # ρ on the step-centred loss, γ' = γ + ρ x̄_t penalised
+      count = ez.sum(0)
+      xbar = np.where(count > 0, ez.T @ x / np.maximum(count, 1), 0.0)
+    if terms.rho:
+      cols.append((x - ez @ xbar)[:, None] * ez)
+      pens.append(np.sqrt(terms.lam_step) * np.eye(num_t))
+    if terms.gamma:
+      cols.append(ez)
+      pens.append(np.sqrt(terms.lam_step) * np.eye(num_t))
+    design = np.concatenate(cols, axis=1)
+    rhs = y - x if kind == "additive" else y
+    penalty = np.zeros((design.shape[1], design.shape[1]))
+    o = 0
+    for pen in pens:
+      penalty[o:o + pen.shape[0], o:o + pen.shape[0]] = pen
+      o += pen.shape[0]
+    stacked = np.concatenate([design, penalty])
+    w = np.linalg.lstsq(stacked, np.concatenate([rhs, np.zeros(design.shape[1])]),
+                        rcond=None)[0]
+    o = 0
+    for h in halves:
+      (a_out if h == "A" else b_out)[z] = w[o:o + n]
+      o += n
+    if terms.rho:
+      rho_out[z] = w[o:o + num_t]
+      o += num_t
+    if terms.gamma:
+      gamma_out[z] = w[o:o + num_t] - rho_out[z] * xbar
+  if terms.is_paper:
+    return a_out, b_out
+  return Solution(a_out, b_out, rho_out, gamma_out)
 
 
 # ----------------------------------------------------------------------------- production
@@ -166,40 +256,100 @@ def _inv1(d):
   return jnp.where(d > 0, 1.0 / jnp.where(d > 0, d, 1.0), 0.0)
 
 
+class _Steps:
+  """Exact elimination of the run-shared step terms for one chunk.
+
+  steps int32 [S] (each row's step, 0..T-1). With both terms the basis is centred per step,
+  u_s = (x_s − x̄_t, 1) with x̄_t = Σ_{s∈t} μ_s x_s / Σ_{s∈t} μ_s (θ' = (ρ_t, γ'_t),
+  γ_t = γ'_t − ρ_t x̄_t): the same column space, so the same projection, but M_t is then
+  nearly diagonal instead of nearly singular (x varies little across runs at one step),
+  which keeps float32 accurate. Per step and lane M_t = Σ_{s∈t} μ_s u_s u_sᵀ + λ_s I (kept as
+  its guarded inverse); `project(v)` = v − U θ(v), θ(v)_t = M_t⁻¹ Σ_{s∈t} μ_s u_s v_s.
+  """
+
+  def __init__(self, steps, num_steps, x, mu, terms, lam_step):
+    self.steps, self.t, self.terms = steps, num_steps, terms
+    self.mu = mu
+    seg = lambda v: jax.ops.segment_sum(v, steps, num_segments=num_steps)   # [S,L]->[T,L]
+    self.seg = seg
+    lam = jnp.asarray(lam_step, x.dtype)
+    if terms.rho and terms.gamma:
+      count = seg(mu)
+      self.xbar = seg(mu * x) / jnp.where(count > 0, count, 1.0)           # [T, L]
+      self.x = xc = jnp.where(mu > 0, x - self.xbar[steps], 0.0)
+      self.inv = _inv2(seg(mu * xc * xc) + lam, seg(mu * xc), count + lam)
+    else:
+      self.x = x
+      self.inv = (_inv1(seg(mu * x * x if terms.rho else mu) + lam),)
+
+  def theta(self, v):
+    """θ(v): tuple of [T, L] (ρ then γ', the fitted ones) for a [S, L] array v."""
+    mv = self.mu * v
+    if self.terms.rho and self.terms.gamma:
+      cx, c1 = self.seg(mv * self.x), self.seg(mv)
+      iaa, iab, ibb = self.inv
+      return (iaa * cx + iab * c1, iab * cx + ibb * c1)
+    c = self.seg(mv * self.x if self.terms.rho else mv)
+    return (self.inv[0] * c,)
+
+  def fitted(self, theta):
+    """U θ: [S, L]."""
+    out, i = 0.0, 0
+    if self.terms.rho:
+      out = out + self.x * theta[0][self.steps]
+      i = 1
+    if self.terms.gamma:
+      out = out + theta[i][self.steps]
+    return out
+
+  def project(self, v):
+    return v - self.fitted(self.theta(v))
+
+  def uncentre(self, theta):
+    """(ρ, γ) in the model's own basis (γ_t = γ'_t − ρ_t x̄_t with both terms)."""
+    if self.terms.rho and self.terms.gamma:
+      return (theta[0], theta[1] - theta[0] * self.xbar)
+    return theta
+
+
 class _System:
   """One chunk's normal equations H w = rhs, matrix-free (W, rhs: [n+1, P·L]).
 
   P = 2 for "linear" (A lanes, then B lanes), else 1. x, y, μ are [S, L]; ks [S, 1] is the
-  batch size Σ_i Q[s, i] of each step.
+  batch size Σ_i Q[s, i] of each step. With step terms H is the Schur complement after
+  eliminating θ (`_Steps`); with centring the penalty is λ (I − J/n).
 
-  Coarse space (deflation): V = [1_A, 1_B] restricted to the train examples a lane observes
-  (every A_i equal, every B_i equal). Since Q V = k_s on recorded steps, H V needs only the
-  scatter of μ k_s [x², x, 1] (= k · the diagonal weights when every batch has k distinct
-  examples), E = Vᵀ H V is a lane sum, and the Galerkin start w0 = V E⁻¹ Vᵀ rhs removes the
-  large common component of A (α ≈ 1 ⇒ A_i ≈ 1/k). Deflating V in every CG step (Saad et
-  al. 2000) also removes the two outlying eigenvalues ≈ k of the block-preconditioned H.
-  The right-hand side, H V and the preconditioner diagonals come from one scatter.
+  Coarse space (paper's terms only): V = [1_A, 1_B] restricted to the train examples a lane
+  observes (every A_i equal, every B_i equal). Since Q V = k_s on recorded steps, H V needs
+  only the scatter of μ k_s [x², x, 1] (= k · the diagonal weights when every batch has k
+  distinct examples), E = Vᵀ H V is a lane sum, and the Galerkin start w0 = V E⁻¹ Vᵀ rhs
+  removes the large common component of A (α ≈ 1 ⇒ A_i ≈ 1/k). The right-hand side, H V
+  and the preconditioner diagonals come from one scatter.
   """
 
-  def __init__(self, ops, mult, ks, x, y, mu, kind, has_dups, uniform):
-    self.ops, self.kind, self.n = ops, kind, ops.n
+  def __init__(self, ops, mult, ks, x, y, mu, kind, has_dups, uniform, terms, steps,
+               num_steps, lam_step):
+    self.ops, self.kind, self.n, self.terms = ops, kind, ops.n, terms
     self.mu = mu = jnp.where(mu > 0, 1.0, 0.0).astype(x.dtype)
     self.x = x = jnp.where(mu > 0, x, 0)
     y = jnp.where(mu > 0, y, 0)
     self.lanes = l = x.shape[1]
     self.parts = 2 if kind == "linear" else 1
+    self.coarse_start = terms.is_paper
+    self.target = y - x if kind == "additive" else y       # what X w (+ U θ) fits
+    self.st = (_Steps(steps, num_steps, x, mu, terms, lam_step) if terms.has_steps
+               else None)
+    ty = self.st.project(self.target) if self.st is not None else self.target
     mx = mu * x
     if kind == "linear":
-      sides, diags = [mx * y, mu * y], [mx * x, mx, mu]
+      sides, diags = [mx * ty, mu * ty], [mx * x, mx, mu]
     elif kind == "additive":
-      sides, diags = [mu * (y - x)], [mu]
-      self.wt = mu
+      sides, diags = [mu * ty], [mu]
     else:
-      sides, diags = [mx * y], [mx * x]
-      self.wt = mx * x
+      sides, diags = [mx * ty], [mx * x]
     nd = len(diags)
     # uniform (static): no duplicates and every step holds k examples -> H V = k · diag.
-    coarse = [] if uniform else [ks * d for d in diags]
+    coarse = [] if (uniform or not self.coarse_start) else [ks * d for d in diags]
     if has_dups:   # the diagonal needs Σ_s Q[s, i]² w_s: its own multiplicity-weighted scatter
       side = ops.qt(jnp.concatenate(sides + coarse, axis=1))
       diag = ops.qt(jnp.concatenate(diags, axis=1), mult)
@@ -209,6 +359,14 @@ class _System:
     p = self.parts * l
     self.rhs = side[:, :p]
     self.diag = tuple(diag[:, j * l:(j + 1) * l] for j in range(nd))
+    # Only rows of examples this lane observes (a zero Qᵀ D_1 Q diagonal stays at 0, so a
+    # λ = 0 solve keeps unidentified-by-absence parameters at 0, like the min-norm fit).
+    seen = (self.diag[-1] > 0).astype(x.dtype)             # [n+1, L]; dump row: 0
+    zero = jnp.zeros_like(seen)
+    self.v = ((jnp.concatenate([seen, zero], axis=1), jnp.concatenate([zero, seen], axis=1))
+              if kind == "linear" else (seen,))
+    if not self.coarse_start:
+      return
     hv = (tuple(side[:, p + j * l:p + (j + 1) * l] for j in range(nd)) if not uniform
           else tuple(ks[0, 0] * d for d in self.diag))
     # H V without λ, as [n+1, P·L] per coarse vector: linear 1_A -> (Σμkx², Σμkx),
@@ -218,12 +376,6 @@ class _System:
                   jnp.concatenate([hv[1], hv[2]], axis=1))
     else:
       self.hv0 = (hv[0],)
-    # Only rows of examples this lane observes (a zero Qᵀ D_1 Q diagonal stays at 0, so a
-    # λ = 0 solve keeps unidentified-by-absence parameters at 0, like the min-norm fit).
-    seen = (self.diag[-1] > 0).astype(x.dtype)             # [n+1, L]; dump row: 0
-    zero = jnp.zeros_like(seen)
-    self.v = ((jnp.concatenate([seen, zero], axis=1), jnp.concatenate([zero, seen], axis=1))
-              if kind == "linear" else (seen,))
 
   def coarse(self, lam):
     """(H V, apply E⁻¹ to per-lane coefficient tuples) for this λ."""
@@ -243,7 +395,9 @@ class _System:
     return out
 
   def start(self, lam):
-    """Galerkin start w0 = V E⁻¹ Vᵀ rhs and its residual rhs − H w0 (which is ⊥ V)."""
+    """(w0, rhs − H w0): the Galerkin coarse start (paper's terms), else w0 = 0."""
+    if not self.coarse_start:
+      return jnp.zeros_like(self.rhs), self.rhs
     hv, solve_e = self.coarse(lam)
     coef = solve_e(tuple(_lane_sum(v * self.rhs, self.parts) for v in self.v))
     w0 = self.expand(coef)
@@ -252,24 +406,52 @@ class _System:
       r0 = r0 - h * jnp.tile(c, self.parts)[None, :]
     return w0, r0
 
-  def deflation(self, lam):
-    """z -> (I − V E⁻¹ (HV)ᵀ) z, keeping search directions H-orthogonal to V."""
+  def warm(self, w, lam):
+    """(w, rhs − H w) from the previous λ's solution (plus the coarse correction, paper)."""
+    r = self.rhs - self.apply(w, lam)
+    if not self.coarse_start:
+      return w, r
     hv, solve_e = self.coarse(lam)
-    return lambda z: z - self.expand(solve_e(tuple(_lane_sum(h * z, self.parts)
-                                                    for h in hv)))
+    coef = solve_e(tuple(_lane_sum(v * r, self.parts) for v in self.v))
+    for h, c in zip(hv, coef):
+      r = r - h * jnp.tile(c, self.parts)[None, :]
+    return w + self.expand(coef), r
+
+  def predict(self, w):
+    """X w: [S, L] (the curriculum part of the fitted one-step change)."""
+    g = self.ops.q(w)
+    l = self.lanes
+    if self.kind == "linear":
+      return self.x * g[:, :l] + g[:, l:]
+    return g if self.kind == "additive" else self.x * g
+
+  def penalty(self, w):
+    """w, or (I − J/n) w per lane when centred (dump row n stays 0)."""
+    if not self.terms.centred:
+      return w
+    mean = jnp.sum(w[:self.n], axis=0, keepdims=True) / self.n
+    return (w - mean).at[self.n].set(0)
 
   def apply(self, w, lam):
-    g = self.ops.q(w)
+    v = self.predict(w)
+    if self.st is not None:
+      v = self.st.project(v)
+    ub = self.mu * v                                    # D (I − P) X w, every step and lane
     if self.kind == "linear":
-      l = self.lanes
-      ub = self.mu * (self.x * g[:, :l] + g[:, l:])   # μ ⊙ X w, every step and lane
       out = self.ops.qt(jnp.concatenate([self.x * ub, ub], axis=1))
+    elif self.kind == "additive":
+      out = self.ops.qt(ub)
     else:
-      out = self.ops.qt(self.wt * g)
-    return out + lam * w
+      out = self.ops.qt(self.x * ub)
+    return out + lam * self.penalty(w)
+
+  def step_terms(self, w):
+    """θ at the solution: tuple of [T, L] (the fitted ones of ρ, γ)."""
+    return self.st.uncentre(self.st.theta(self.target - self.predict(w)))
 
   def preconditioner(self, lam):
-    """Exact inverse of each train example's 2×2 (1×1) diagonal block of H + λI."""
+    """Exact inverse of each train example's 2×2 (1×1) diagonal block of the paper's
+    H + λI (an approximation of H' with step terms or centring)."""
     if self.parts == 1:
       inv = _inv1(self.diag[0] + lam)
       return lambda r: inv * r
@@ -286,14 +468,12 @@ def _lane_sum(v, parts):
   return jnp.sum(v, axis=0).reshape(parts, -1).sum(axis=0)
 
 
-def _pcg(apply_h, precond, deflate, rhs, w, r, lam, tol, max_iters, parts):
-  """Batched deflated PCG from (w, r = rhs − H w); lane l stops (step 0) once
-  ‖r_l‖ ≤ tol·‖rhs_l‖. Search directions are deflate(M⁻¹ r) + β p."""
+def _pcg(apply_h, precond, rhs, w, r, lam, tol, max_iters, parts):
+  """Batched PCG from (w, r = rhs − H w); lane l stops (step 0) once ‖r_l‖ ≤ tol·‖rhs_l‖."""
   rep = lambda a: jnp.tile(a, parts)[None, :]
   thresh = (tol * tol) * _lane_sum(rhs * rhs, parts)
   zv = precond(r)
   rz = _lane_sum(r * zv, parts)
-  p0 = deflate(zv)
 
   def cond(state):
     return (state[0] < max_iters) & jnp.any(state[-1])
@@ -309,59 +489,66 @@ def _pcg(apply_h, precond, deflate, rhs, w, r, lam, tol, max_iters, parts):
     zv = precond(r)
     rz_new = _lane_sum(r * zv, parts)
     beta = jnp.where(ok & (rz > 0), rz_new / jnp.where(rz > 0, rz, 1.0), 0.0)
-    p = deflate(zv) + rep(beta) * p
+    p = zv + rep(beta) * p
     active = ok & (_lane_sum(r * r, parts) > thresh)
     return it + 1, w, r, p, jnp.where(ok, rz_new, rz), active
 
   active = (_lane_sum(r * r, parts) > thresh) & (rz > 0)
-  return lax.while_loop(cond, body, (jnp.int32(0), w, r, p0, rz, active))[1]
+  return lax.while_loop(cond, body, (jnp.int32(0), w, r, zv, rz, active))[1]
 
 
 @functools.partial(jax.jit,
                    static_argnames=("kind", "num_train", "chunk", "width", "max_iters",
-                                    "has_dups", "uniform", "deflate_steps"))
-def _solve_path_jit(cols, mult, ks, prev, target, mask, lams, tol, col0, *, kind,
-                    num_train, chunk, width, max_iters, has_dups, uniform,
-                    deflate_steps):
-  """W [L, P, width, n] for test columns col0 .. col0+width-1 and every λ in `lams`, solved
-  in the given order: the first from the coarse start, each later one warm-started from the
-  previous λ's solution (P = 2 for linear: A then B; else the one fitted half)."""
+                                    "has_dups", "uniform", "terms", "num_steps"))
+def _solve_path_jit(cols, mult, ks, steps, prev, target, mask, lams, lam_step, tol, col0, *,
+                    kind, num_train, chunk, width, max_iters, has_dups, uniform, terms,
+                    num_steps):
+  """(W [L, P, width, n], Θ [L, p, width, T]) for test columns col0 .. col0+width-1 and
+  every λ in `lams`, solved in the given order: the first from the start, each later one
+  warm-started from the previous λ's solution (P = 2 for linear: A then B; else the one
+  fitted half; p = the number of fitted step terms, T = num_steps). `terms` is static
+  structure only (its lam_step is ignored: the traced `lam_step` is used, so a λ_s grid
+  compiles once)."""
   s, m = prev.shape[0], width
   ops = _Ops(cols, num_train)
   parts = 2 if kind == "linear" else 1
+  num_theta = int(terms.rho) + int(terms.gamma)
   num_lams = lams.shape[0]
   dtype = prev.dtype
 
   def one_chunk(c, out):
+    out_w, out_t = out
     start = jnp.minimum(c * chunk, m - chunk).astype(jnp.int32)  # last chunk overlaps
     zero = jnp.int32(0)
     sl = lambda a: lax.dynamic_slice(a, (zero, (col0 + start).astype(jnp.int32)), (s, chunk))
-    sys_ = _System(ops, mult, ks, sl(prev), sl(target), sl(mask), kind, has_dups, uniform)
+    sys_ = _System(ops, mult, ks, sl(prev), sl(target), sl(mask), kind, has_dups, uniform,
+                   terms, steps, num_steps, lam_step)
 
     def pcg(w, r, lam):
-      deflate = sys_.deflation(lam) if deflate_steps else (lambda z: z)
-      return _pcg(sys_.apply, sys_.preconditioner(lam), deflate, sys_.rhs, w, r, lam, tol,
+      return _pcg(sys_.apply, sys_.preconditioner(lam), sys_.rhs, w, r, lam, tol,
                   max_iters, parts)
+
+    def thetas(w):
+      if not num_theta:
+        return jnp.zeros((0, num_steps, chunk), dtype)
+      return jnp.stack(sys_.step_terms(w))            # [p, T, chunk]
 
     w = pcg(*sys_.start(lams[0]), lams[0])
 
     def per_lam(w, lam):
-      # Warm start from the previous λ's solution plus the coarse correction that makes
-      # its residual ⊥ V (as deflated CG requires).
-      hv, solve_e = sys_.coarse(lam)
-      r = sys_.rhs - sys_.apply(w, lam)
-      coef = solve_e(tuple(_lane_sum(v * r, parts) for v in sys_.v))
-      for h, c in zip(hv, coef):
-        r = r - h * jnp.tile(c, parts)[None, :]
-      w = pcg(w + sys_.expand(coef), r, lam)
-      return w, w[:num_train]
+      w = pcg(*sys_.warm(w, lam), lam)
+      return w, (w[:num_train], thetas(w))
 
-    _, ws = lax.scan(per_lam, w, lams[1:])   # [L-1, n, P·chunk]
+    _, (ws, ts) = lax.scan(per_lam, w, lams[1:])   # [L-1, n, P·chunk], [L-1, p, T, chunk]
     ws = jnp.concatenate([w[None, :num_train], ws])
+    ts = jnp.concatenate([thetas(w)[None], ts])
     ws = ws.reshape(num_lams, num_train, parts, chunk).transpose(0, 2, 3, 1)
-    return lax.dynamic_update_slice(out, ws, (zero, zero, start, zero))
+    ts = ts.transpose(0, 1, 3, 2)                   # [L, p, chunk, T]
+    return (lax.dynamic_update_slice(out_w, ws, (zero, zero, start, zero)),
+            lax.dynamic_update_slice(out_t, ts, (zero, zero, start, zero)))
 
-  out = jnp.zeros((num_lams, parts, m, num_train), dtype)
+  out = (jnp.zeros((num_lams, parts, m, num_train), dtype),
+         jnp.zeros((num_lams, num_theta, m, num_steps), dtype))
   return lax.fori_loop(0, -(-m // chunk), one_chunk, out)
 
 
@@ -397,26 +584,32 @@ def _default_threads(m: int, chunk: int) -> int:
   return max(1, min(os.cpu_count() or 1, 4, -(-m // chunk)))
 
 
-def solve_path(tr, *, kind: str, lams: Sequence[float], chunk_size: int | None = None,
-               tol: float | None = None, max_iters: int | None = None,
-               num_threads: int | None = None) -> list[tuple[jax.Array, jax.Array]]:
-  """Solves Eq. 2 for every λ in `lams`; returns [(A, B)] in the order of `lams`.
+def solve_path_with_terms(tr, *, kind: str, lams: Sequence[float], terms: Terms = PAPER,
+                          chunk_size: int | None = None, tol: float | None = None,
+                          max_iters: int | None = None,
+                          num_threads: int | None = None) -> list[Solution]:
+  """Solves Eq. 2 with `terms` for every λ in `lams`; returns [Solution] in their order.
 
   λs are solved from largest to smallest inside each chunk, each PCG warm-started from the
   previous solution while the chunk's data is still in cache — cheaper than len(lams)
-  independent `solve` calls. Arguments are as for `solve`.
+  independent solves. Other arguments are as for `solve`. Step terms need `tr.steps`.
   """
   _check_kind(kind)
   lams = [float(v) for v in lams]
   if not lams or min(lams) < 0:
     raise ValueError(f"lams must be non-empty and non-negative, got {lams}")
+  if terms.has_steps and not terms.lam_step > 0:
+    raise ValueError(f"step terms need lam_step > 0 (the first step's losses are shared by "
+                     f"every run, so ρ_1 and γ_1 are not separable); got {terms.lam_step}")
   dtype = jnp.asarray(np.zeros((), np.asarray(tr.prev[:0]).dtype)).dtype  # x64-aware
   prev, target, mask = (_on_device(a, dtype) for a in (tr.prev, tr.target, tr.mask))
   s, m = prev.shape
   n = int(tr.num_train)
+  num_steps = num_fit_steps(tr) if terms.has_steps else 0
+  num_theta = int(terms.rho) + int(terms.gamma)
   if m == 0 or s == 0 or n == 0:
-    z = jnp.zeros((m, n), dtype)
-    return [(z, z) for _ in lams]
+    z, zt = jnp.zeros((m, n), dtype), jnp.zeros((m, num_steps), dtype)
+    return [Solution(z, z, zt, zt) for _ in lams]
   if tol is None:
     tol = 1e-10 if dtype == jnp.float64 else 1e-6
   if max_iters is None:
@@ -429,6 +622,8 @@ def solve_path(tr, *, kind: str, lams: Sequence[float], chunk_size: int | None =
   k = mult.shape[1]
   ks = (idx.reshape(s, k) < n).sum(1, keepdims=True)  # [S, 1] examples per step
   cols = tuple(jnp.asarray(np.ascontiguousarray(idx.reshape(s, k)[:, j])) for j in range(k))
+  steps = (jnp.asarray(np.asarray(tr.steps, np.int32)) if terms.has_steps
+           else jnp.zeros((s,), jnp.int32))
   order = sorted(range(len(lams)), key=lambda i: -lams[i])
   # Column windows of equal width (the last one overlaps; overlapping lanes give identical
   # results), solved concurrently: XLA:CPU runs one such loop on one core, and jax
@@ -437,18 +632,13 @@ def solve_path(tr, *, kind: str, lams: Sequence[float], chunk_size: int | None =
   width = min(m, chunk * -(-(-(-m // chunk)) // threads))
   starts = list(range(0, m - width, width)) + [m - width]
   call = functools.partial(
-      _solve_path_jit, cols, jnp.asarray(mult, dtype), jnp.asarray(ks, dtype), prev,
-      target, mask, jnp.asarray([lams[i] for i in order], dtype), jnp.asarray(tol, dtype),
+      _solve_path_jit, cols, jnp.asarray(mult, dtype), jnp.asarray(ks, dtype), steps, prev,
+      target, mask, jnp.asarray([lams[i] for i in order], dtype),
+      jnp.asarray(terms.lam_step, dtype), jnp.asarray(tol, dtype),
       kind=kind, num_train=n, chunk=chunk, width=width, max_iters=int(max_iters),
       has_dups=bool((mult > 1).any()),
       uniform=bool((mult <= 1).all() and (ks == ks.flat[0]).all()) if s else False,
-      # Deflating every step costs O(n) per lane and removes the outliers ≈ k; it paid off
-      # (−19% CPU) at S = 12.8 n (few-shot) and cost +15% at S = 5 n (many-shot, where
-      # the bulk's upper edge (1 + √(2n/S))² ≈ 2.7 is already close to k).
-      # Deflation is OFF: on random (non-decaying) losses deflated PCG diverged (errors of
-      # 1e2 relative at n = 50, S ≥ 8n, and at n = 2; found by the property test in
-      # tests/bad_input_test.py) while plain PCG from the same coarse start converges.
-      deflate_steps=False)
+      terms=dataclasses.replace(terms, lam_step=0.0), num_steps=num_steps)
   if len(starts) == 1:
     parts = [call(np.int32(0))]
   else:
@@ -461,15 +651,31 @@ def solve_path(tr, *, kind: str, lams: Sequence[float], chunk_size: int | None =
       parts = list(pool.map(work, starts))
   keep = [min(width, (starts[i + 1] if i + 1 < len(starts) else m) - c0)
           for i, c0 in enumerate(starts)]
-  w = jnp.concatenate([p[:, :, width - kk:] if i == len(parts) - 1 else p[:, :, :kk]
-                       for i, (p, kk) in enumerate(zip(parts, keep))], axis=2)
+
+  def stitch(arrays):
+    return jnp.concatenate([p[:, :, width - kk:] if i == len(arrays) - 1 else p[:, :, :kk]
+                            for i, (p, kk) in enumerate(zip(arrays, keep))], axis=2)
+  w = stitch([p[0] for p in parts])
+  theta = stitch([p[1] for p in parts])          # [L, p, m, T]
   zeros = jnp.zeros((len(lams), m, n), dtype)
+  zeros_t = jnp.zeros((len(lams), m, num_steps), dtype)
   a, b = {"linear": (w[:, 0], w[:, -1]), "additive": (zeros, w[:, 0]),
           "multiplicative": (w[:, 0], zeros)}[kind]
+  rho = theta[:, 0] if terms.rho else zeros_t
+  gamma = theta[:, num_theta - 1] if terms.gamma else zeros_t
   result: list = [None] * len(lams)
   for j, i in enumerate(order):
-    result[i] = (a[j], b[j])
+    result[i] = Solution(a[j], b[j], rho[j], gamma[j])
   return result
+
+
+def solve_path(tr, *, kind: str, lams: Sequence[float], chunk_size: int | None = None,
+               tol: float | None = None, max_iters: int | None = None,
+               num_threads: int | None = None) -> list[tuple[jax.Array, jax.Array]]:
+  """The paper's Eq. 2 for every λ in `lams`; returns [(A, B)] in the order of `lams`."""
+  return [(sol.A, sol.B) for sol in solve_path_with_terms(
+      tr, kind=kind, lams=lams, chunk_size=chunk_size, tol=tol, max_iters=max_iters,
+      num_threads=num_threads)]
 
 
 def solve(tr, *, kind: str, lam: float, chunk_size: int | None = None,
@@ -483,7 +689,7 @@ def solve(tr, *, kind: str, lam: float, chunk_size: int | None = None,
     kind: "linear" | "additive" | "multiplicative".
     lam: λ ≥ 0 (λ = 0 gives the min-norm-like CG solution on unidentified parameters).
     chunk_size: test examples per chunk (bounds memory; results do not depend on it).
-      None = 32 lanes in float32, 16 in float64.
+      None = a cache-sized chunk (`_default_chunk`).
     tol: per test example relative residual ‖r‖/‖rhs‖ at which PCG stops
       (default 1e-6 in float32, 1e-10 in float64).
     max_iters: PCG iteration cap (default 2n + 20 for linear, n + 20 otherwise).
@@ -494,4 +700,5 @@ def solve(tr, *, kind: str, lam: float, chunk_size: int | None = None,
   return a, b
 
 
-__all__ = ["KINDS", "solve", "solve_path", "solve_dense_reference"]
+__all__ = ["KINDS", "Terms", "PAPER", "Solution", "solve", "solve_path",
+           "solve_path_with_terms", "solve_dense_reference", "num_fit_steps"]

@@ -7,6 +7,13 @@ For every test example z (one row of A and B) the simulator is the linear Markov
 started from the observed L_0(z) and applied recursively (Eq. 1). The ablations fix
 α ≡ 1 ("additive", = TracIn-Ideal) or β ≡ 0 ("multiplicative").
 
+With run-shared step terms (ours; `ridge.Terms`) the step is
+    L_t(z) = (α(c_t) + ρ_t(z)) · L_{t-1}(z) + β(c_t) + γ_t(z),
+ρ, γ [m, T_s] fitted per step of the fit runs. A curriculum longer than T_s (a repeat makes
+a run longer) needs a rule for t > T_s: `beyond="hold"` uses ρ_{T_s}, γ_{T_s} (the late
+steps' shared dynamic goes on), `beyond="zero"` drops them (WORKSPACE.md says which rule a
+fit records and why). Step t means the t-th row of the curriculum, whatever its batch.
+
 Conventions shared with `design.py` / `ridge.py`:
   * A, B are [m, n]: row = test example, column = *position* into the fit's train_ids.
   * A curriculum is `batches` int32 [T, k] of positions; -1 is a pad and contributes nothing.
@@ -71,28 +78,63 @@ def step_coefficients(a: jax.Array, b: jax.Array, batch: jax.Array, active: jax.
   return alpha, beta
 
 
-def _rollout_impl(a, b, batches, initial_losses, step_mask, *, kind):
-  """Eq. 1 by lax.scan. a, b [m, n]; batches [T, k]; initial_losses [m]; step_mask [T]."""
+def _rollout_impl(a, b, batches, initial_losses, step_mask, rho_t, gamma_t, *, kind):
+  """Eq. 1 by lax.scan. a, b [m, n]; batches [T, k]; initial_losses [m]; step_mask [T];
+  rho_t, gamma_t [T, m] the step terms of each step of this curriculum (zeros: none)."""
 
   def step(loss, xs):
-    batch, active = xs
+    batch, active, rho, gamma = xs
     alpha, beta = step_coefficients(a, b, batch, active, kind=kind)
-    new = alpha * loss + beta                            # [m]
+    live = jnp.logical_and(active, jnp.any(batch >= 0))   # identity steps get no terms
+    new = (alpha + jnp.where(live, rho, 0.0)) * loss + beta + jnp.where(live, gamma, 0.0)
     return new, new
 
-  _, traj = jax.lax.scan(step, initial_losses, (batches, step_mask))   # [T, m]
+  _, traj = jax.lax.scan(step, initial_losses, (batches, step_mask, rho_t, gamma_t))
   return jnp.concatenate([initial_losses[None], traj], axis=0)        # [T+1, m]
 
 
 @functools.partial(jax.jit, static_argnames=("kind",))
-def _rollout_jit(a, b, batches, initial_losses, step_mask, *, kind):
-  return _rollout_impl(a, b, batches, initial_losses, step_mask, kind=kind)
+def _rollout_jit(a, b, batches, initial_losses, step_mask, rho_t, gamma_t, *, kind):
+  return _rollout_impl(a, b, batches, initial_losses, step_mask, rho_t, gamma_t, kind=kind)
 
 
 @functools.partial(jax.jit, static_argnames=("kind",))
-def _rollout_many_jit(a, b, batches, initial_losses, step_mask, *, kind):
+def _rollout_many_jit(a, b, batches, initial_losses, step_mask, rho_t, gamma_t, *, kind):
   fn = functools.partial(_rollout_impl, kind=kind)
-  return jax.vmap(fn, in_axes=(None, None, 0, 0, 0))(a, b, batches, initial_losses, step_mask)
+  return jax.vmap(fn, in_axes=(None, None, 0, 0, 0, None, None))(
+      a, b, batches, initial_losses, step_mask, rho_t, gamma_t)
+
+
+BEYOND = ("hold", "zero")
+
+
+def step_terms_per_step(rho, gamma, num_steps: int, m: int, dtype, beyond: str = "hold"):
+  """(ρ_t, γ_t) as [T, m] for steps t = 1..T of a curriculum, by the `beyond` rule.
+
+  rho, gamma: [m, T_s] or None (no step terms: zeros).
+  """
+  if beyond not in BEYOND:
+    raise ValueError(f"beyond must be one of {BEYOND}, got {beyond!r}")
+  if rho is None and gamma is None:
+    z = jnp.zeros((num_steps, m), dtype)
+    return z, z
+  out = []
+  for arr in (rho, gamma):
+    if arr is None:
+      arr = jnp.zeros((m, jnp.shape(gamma if rho is None else rho)[1]), dtype)
+    arr = jnp.asarray(arr, dtype)
+    if arr.ndim != 2 or arr.shape[0] != m:
+      raise ValueError(f"step terms must be [m={m}, T_s]; got {arr.shape}")
+    t_s = arr.shape[1]
+    if t_s == 0:
+      out.append(jnp.zeros((num_steps, m), dtype))
+      continue
+    idx = np.minimum(np.arange(num_steps), t_s - 1)
+    per = arr.T[idx]                                            # [T, m]
+    if beyond == "zero":
+      per = jnp.where(jnp.asarray(np.arange(num_steps) < t_s)[:, None], per, 0.0)
+    out.append(per)
+  return out[0], out[1]
 
 
 def _is_concrete(x) -> bool:
@@ -140,7 +182,8 @@ def _check_batches(batches, num_train: int, *, lead: tuple[int, ...]) -> jax.Arr
   return jnp.asarray(values.astype(np.int32))
 
 
-def rollout(A, B, *, kind: str, batches, initial_losses, step_mask=None) -> jax.Array:
+def rollout(A, B, *, kind: str, batches, initial_losses, step_mask=None, rho=None,
+            gamma=None, beyond: str = "hold") -> jax.Array:
   """Simulates one curriculum for all m test examples (Eq. 1).
 
   Args:
@@ -150,6 +193,7 @@ def rollout(A, B, *, kind: str, batches, initial_losses, step_mask=None) -> jax.
     initial_losses: [m] observed L_0.
     step_mask: optional bool [T]; False freezes a step (identity). All-pad rows are
       identity steps regardless.
+    rho, gamma: optional [m, T_s] run-shared step terms; beyond: their rule past T_s.
 
   Returns:
     [T+1, m] losses, row 0 = initial_losses, in the promoted float dtype of the inputs.
@@ -166,11 +210,13 @@ def rollout(A, B, *, kind: str, batches, initial_losses, step_mask=None) -> jax.
   if mask.shape != (num_steps,):
     raise ValueError(f"step_mask must be bool [T] = [{num_steps}]; got {mask.shape}")
   dtype = _common_float_dtype(a, b, l0)
+  rho_t, gamma_t = step_terms_per_step(rho, gamma, num_steps, a.shape[0], dtype, beyond)
   return _rollout_jit(a.astype(dtype), b.astype(dtype), batches,
-                      l0.astype(dtype), mask, kind=kind)
+                      l0.astype(dtype), mask, rho_t, gamma_t, kind=kind)
 
 
-def rollout_many(A, B, *, kind: str, batches, initial_losses, step_mask=None) -> jax.Array:
+def rollout_many(A, B, *, kind: str, batches, initial_losses, step_mask=None, rho=None,
+                 gamma=None, beyond: str = "hold") -> jax.Array:
   """Simulates C curricula at once (vmap of `rollout` over curricula).
 
   Args:
@@ -180,6 +226,7 @@ def rollout_many(A, B, *, kind: str, batches, initial_losses, step_mask=None) ->
       whole rows of -1 (identity steps; `pad_curricula` builds this and the mask).
     initial_losses: [C, m] (or [m], shared by all curricula).
     step_mask: optional bool [C, T]; False freezes a step.
+    rho, gamma, beyond: step terms as for `rollout` (step t is row t of every curriculum).
 
   Returns:
     [C, T+1, m]; row T of curriculum c is its final loss whatever its unpadded length.
@@ -201,8 +248,9 @@ def rollout_many(A, B, *, kind: str, batches, initial_losses, step_mask=None) ->
     raise ValueError(f"step_mask must be bool [C, T] = [{num_curricula}, {num_steps}]; "
                      f"got {mask.shape}")
   dtype = _common_float_dtype(a, b, l0)
+  rho_t, gamma_t = step_terms_per_step(rho, gamma, num_steps, m, dtype, beyond)
   return _rollout_many_jit(a.astype(dtype), b.astype(dtype), batches,
-                           l0.astype(dtype), mask, kind=kind)
+                           l0.astype(dtype), mask, rho_t, gamma_t, kind=kind)
 
 
 def pad_curricula(curricula) -> tuple[np.ndarray, np.ndarray]:

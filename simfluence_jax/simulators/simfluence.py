@@ -24,23 +24,46 @@ from simfluence_jax.yardstick import metrics
 from simfluence_jax.yardstick import scoring
 from simfluence_jax.simulators import ridge
 from simfluence_jax.simulators import rollout as rollout_lib
+from simfluence_jax.traces import fit_params
 from simfluence_jax.traces.fit_params import FitParams
 from simfluence_jax.traces.contract import RunTrace, TraceError
 
 KINDS = ("linear", "additive", "multiplicative")
-# Paper §4.1: TracIn-Ideal is Simfluence-Additive; exposed under its own name too.
-ALIASES = {"tracin_ideal": "additive"}
-DEFAULT_LAM_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+# The fitted terms beyond A, B (ridge.Terms; lam_step is set per candidate).
+VARIANTS = {
+    "paper": ridge.PAPER,                                # the paper's Eq. 2 exactly
+    "centred": ridge.Terms(centred=True),                # shrink toward the mean example
+    "gamma": ridge.Terms(gamma=True),                    # + run-shared γ_t
+    "rho_gamma": ridge.Terms(rho=True, gamma=True),      # + run-shared ρ_t L_{t-1} + γ_t
+}
+# Paper §4.1: TracIn-Ideal is Simfluence-Additive (the paper's terms).
+ALIASES = {"tracin_ideal": "additive_paper"}
+# Wide enough that validation does not pick an edge on our experiments (fit.json says when
+# it does); λ_step: the step terms' own penalty.
+DEFAULT_LAM_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
+DEFAULT_LAM_STEP_GRID = (1e-4, 1e-2, 1.0)
+SIMULATORS = tuple(KINDS) + tuple(f"{k}_{v}" for k in KINDS for v in VARIANTS) + tuple(ALIASES)
+
+
+def parse_simulator(simulator: str) -> tuple[str, str | None]:
+  """(kind, variant) of a simulator name; variant None = chosen on validation runs.
+
+  "linear" / "additive" / "multiplicative": the variant (VARIANTS) that validates best;
+  "<kind>_<variant>", e.g. "linear_paper" (the paper's exact model) or "linear_rho_gamma";
+  aliases: "tracin_ideal" = "additive_paper".
+  """
+  name = ALIASES.get(simulator, simulator)
+  if name in KINDS:
+    return name, None
+  for kind in KINDS:
+    if name.startswith(kind + "_") and name[len(kind) + 1:] in VARIANTS:
+      return kind, name[len(kind) + 1:]
+  raise ValueError(f"unknown simulator {simulator!r}; expected one of {list(SIMULATORS)}")
 
 
 def canonical_kind(simulator: str) -> str:
-  """Maps a simulator name (including aliases) to one of KINDS."""
-  kind = ALIASES.get(simulator, simulator)
-  if kind not in KINDS:
-    raise ValueError(
-        f"unknown simulator {simulator!r}; expected one of "
-        f"{sorted(KINDS + tuple(ALIASES))}")
-  return kind
+  """The kind (one of KINDS) of a simulator name (see parse_simulator)."""
+  return parse_simulator(simulator)[0]
 
 
 def union_ids(arrays: Sequence[np.ndarray]) -> np.ndarray:
@@ -91,9 +114,7 @@ def simulate_run(params: FitParams, run: RunTrace, *, unseen: str = "error") -> 
   elif unseen != "error":
     raise ValueError(f"unseen must be 'error' or 'mean', got {unseen!r}")
   cols = columns_of(params, run)
-  sub = dataclasses.replace(params, A=np.asarray(params.A)[cols],
-                            B=np.asarray(params.B)[cols],
-                            test_ids=np.asarray(params.test_ids)[cols])
+  sub = fit_params.select_tests(params, cols)
   try:
     return simulate_curriculum(sub, run.curriculum,
                                np.asarray(run.losses[0], np.float32),
@@ -133,8 +154,10 @@ def simulate_curriculum(params: FitParams, curriculum: np.ndarray,
     positions = rollout_lib.ids_to_positions(curriculum, params.train_ids)
   except ValueError as e:
     raise ValueError(f"{curriculum_name}: {e}") from None
+  rho, gamma = params.step_terms()
   pred = rollout_lib.rollout(np.asarray(params.A), np.asarray(params.B), kind=params.kind,
-                             batches=positions, initial_losses=initial.astype(np.float32))
+                             batches=positions, initial_losses=initial.astype(np.float32),
+                             rho=rho, gamma=gamma, beyond=params.beyond)
   return np.asarray(pred, np.float32)
 
 
@@ -175,21 +198,28 @@ def _validation_mse(params: FitParams, val_runs: Sequence[RunTrace]) -> float:
 def fit(fit_runs: Sequence[RunTrace], *, simulator: str, lam: float | None = None,
         lam_grid: Sequence[float] = DEFAULT_LAM_GRID,
         val_runs: Sequence[RunTrace] = (), chunk_size: int | None = None,
-        ) -> tuple[FitParams, dict]:
-  """Fits one simulator per test example by Eq. 2 over all recorded transitions.
+        lam_step: float | None = None,
+        lam_step_grid: Sequence[float] = DEFAULT_LAM_STEP_GRID,
+        beyond: str = "hold") -> tuple[FitParams, dict]:
+  """Fits one simulator per test example by Eq. 2 (with the variant's terms) over all
+  recorded transitions of the fit runs.
 
   Args:
     fit_runs: the runs whose transitions form the regression data.
-    simulator: "linear", "additive" (alias "tracin_ideal") or "multiplicative".
+    simulator: a name of SIMULATORS (see parse_simulator). A bare kind ("linear") tries
+      every variant of VARIANTS and keeps the one with the lowest validation MSE; without
+      validation runs it is the paper's variant.
     lam: the L2 weight λ. When None, λ is chosen from `lam_grid` by the mean all-steps MSE
       of rollouts on `val_runs` (which must then be non-empty).
-    val_runs: validation runs for choosing λ (never used as regression data).
+    val_runs: validation runs for choosing λ, λ_step and the variant (never regression data).
     chunk_size: test examples per solver chunk (memory bound); None = solver default.
+    lam_step, lam_step_grid: the step terms' penalty, given or chosen like λ.
+    beyond: the step terms' rule past the fit runs' length ("hold" or "zero").
 
   Returns:
     (params, diagnostics) where diagnostics is JSON-able and lands in fit.json.
   """
-  kind = canonical_kind(simulator)
+  kind, variant = parse_simulator(simulator)
   if not fit_runs:
     raise ValueError("fit needs at least one fit run")
   if lam is None and not val_runs:
@@ -200,55 +230,108 @@ def fit(fit_runs: Sequence[RunTrace], *, simulator: str, lam: float | None = Non
   overlap = {r.run_id for r in fit_runs} & {r.run_id for r in val_runs}
   if overlap:
     raise ValueError(f"runs {sorted(overlap)} are both fit and validation runs")
+  if variant is None:
+    variants = list(VARIANTS) if val_runs else ["paper"]
+    chosen_by = ("validation all-steps MSE over " + ", ".join(VARIANTS) if val_runs
+                 else "no validation runs: the paper's terms")
+  else:
+    variants, chosen_by = [variant], "given"
+  lams = [float(lam)] if lam is not None else sorted(float(x) for x in lam_grid)
+  if not lams or min(lams) < 0:
+    raise ValueError(f"lam_grid must be non-empty and non-negative, got {lam_grid}")
+  step_lams = ([float(lam_step)] if lam_step is not None
+               else sorted(float(x) for x in lam_step_grid))
   t_start = time.perf_counter()
   train_ids = union_ids([r.train_ids for r in fit_runs])
   test_ids = ordered_test_ids(fit_runs)
   tr = design.build_transitions(fit_runs, train_ids=train_ids, test_ids=test_ids)
   t_built = time.perf_counter()
 
-  def as_params(a, b, lam_value):
-    return FitParams(A=np.asarray(a, np.float32), B=np.asarray(b, np.float32),
+  def as_params(sol, lam_value, terms):
+    return FitParams(A=np.asarray(sol.A, np.float32), B=np.asarray(sol.B, np.float32),
                      train_ids=train_ids, test_ids=test_ids, kind=kind,
-                     lam=float(lam_value))
+                     lam=float(lam_value),
+                     rho=np.asarray(sol.rho, np.float32) if terms.rho else None,
+                     gamma=np.asarray(sol.gamma, np.float32) if terms.gamma else None,
+                     beyond=beyond)
 
+  candidates = []          # (variant, terms, params)
+  solve_s = 0.0
+  for name in variants:
+    template = VARIANTS[name]
+    for ls in (step_lams if template.has_steps else [None]):
+      terms = (dataclasses.replace(template, lam_step=ls) if ls is not None else template)
+      t0 = time.perf_counter()
+      path = ridge.solve_path_with_terms(tr, kind=kind, lams=lams, terms=terms,
+                                         chunk_size=chunk_size)
+      jax.block_until_ready(path)
+      solve_s += time.perf_counter() - t0
+      candidates += [(name, terms, as_params(sol, lam_value, terms))
+                     for lam_value, sol in zip(lams, path)]
+  t_solved = time.perf_counter()
   val_scores: dict[str, float] = {}
-  if lam is not None:
-    a, b = ridge.solve(tr, kind=kind, lam=float(lam), chunk_size=chunk_size)
-    jax.block_until_ready((a, b))
-    params = as_params(a, b, lam)
-    t_solved = time.perf_counter()
-    if val_runs:
-      val_scores[repr(float(lam))] = _validation_mse(params, val_runs)
+  if val_runs:
+    scores = [_validation_mse(c[2], val_runs) for c in candidates]
+    for (name, terms, params), score in zip(candidates, scores):
+      val_scores[candidate_key(name, params.lam, terms)] = score
+    finite = [i for i, sc in enumerate(scores) if np.isfinite(sc)]
+    if not finite:
+      raise ValueError(f"every candidate ({len(candidates)}: variants {variants}, λ in "
+                       f"{lams}) gave a non-finite validation MSE")
+    best = min(finite, key=lambda i: scores[i])
   else:
-    grid = sorted(float(x) for x in lam_grid)
-    if not grid or min(grid) < 0:
-      raise ValueError(f"lam_grid must be non-empty and non-negative, got {lam_grid}")
-    path = ridge.solve_path(tr, kind=kind, lams=grid, chunk_size=chunk_size)
-    t_solved = time.perf_counter()
-    params, val_scores = select_by_validation(
-        [as_params(a, b, lam_value) for lam_value, (a, b) in zip(grid, path)], val_runs)
+    best = 0
+  name, terms, params = candidates[best]
   t_done = time.perf_counter()
 
+  edges = {}
+  if len(lams) > 1:
+    edges["lam"] = _edge(params.lam, lams)
+  if terms.has_steps and len(step_lams) > 1:
+    edges["lam_step"] = _edge(terms.lam_step, step_lams)
   diagnostics = {
       "simulator": simulator,
       "kind": kind,
+      "variant": name,
+      "variant_chosen_by": chosen_by,
+      "terms": {"rho": terms.rho, "gamma": terms.gamma, "centred": terms.centred,
+                "lam_step": terms.lam_step if terms.has_steps else None,
+                "beyond": beyond if terms.has_steps else None},
       "lam": params.lam,
       "lam_chosen_by": "given" if lam is not None else "validation all-steps MSE",
+      "lam_grid": lams,
+      "lam_step_grid": step_lams if terms.has_steps else None,
+      "grid_edge": {k: v for k, v in edges.items() if v},
       "validation_mse": val_scores,
       "fit_runs": [r.run_id for r in fit_runs],
       "val_runs": [r.run_id for r in val_runs],
       "num_train": int(train_ids.size),
       "num_test": int(test_ids.size),
       "num_transitions": int(tr.batches.shape[0]),
+      "num_step_terms": params.num_step_terms,
       "identifiability": _identifiability_by_id(tr, train_ids, test_ids),
       "timings_s": {
           "build": t_built - t_start,
-          "solve": t_solved - t_built,
+          "solve": solve_s,
           "select": t_done - t_solved,
           "total": t_done - t_start,
       },
   }
   return params, diagnostics
+
+
+def candidate_key(variant: str, lam: float, terms) -> str:
+  key = f"{variant} lam={lam!r}"
+  return key + (f" lam_step={terms.lam_step!r}" if terms.has_steps else "")
+
+
+def _edge(value: float, grid: Sequence[float]) -> str | None:
+  """"smallest" / "largest" when `value` is that end of a grid of ≥ 2 values, else None."""
+  if value == min(grid):
+    return "smallest"
+  if value == max(grid):
+    return "largest"
+  return None
 
 
 def select_by_validation(candidates: Sequence[FitParams], val_runs: Sequence[RunTrace]
@@ -315,5 +398,6 @@ def split_runs(run_ids: Sequence[str], *, num_fit: int, num_val: int, seed: int
           "heldout": sorted(shuffled[num_fit + num_val:])}
 
 
-__all__ = ["KINDS", "ALIASES", "DEFAULT_LAM_GRID", "canonical_kind", "fit", "evaluate",
+__all__ = ["KINDS", "VARIANTS", "ALIASES", "SIMULATORS", "DEFAULT_LAM_GRID",
+           "DEFAULT_LAM_STEP_GRID", "parse_simulator", "canonical_kind", "fit", "evaluate",
            "simulate_run", "read_runs", "split_runs"]

@@ -338,7 +338,10 @@ def fit_streaming(workspace, fit_run_ids: Sequence[str], *, simulator: str,
     mesh: 1-D mesh "tests" sharding each chunk's solve (default: all local devices).
     keep_bytes: keep every λ's parameters in memory up to this size, else re-solve.
   """
-  kind = simulators.canonical_kind(simulator)
+  kind, variant = simulators.parse_simulator(simulator)
+  if variant not in (None, "paper"):
+    raise ValueError(f"the streaming fit solves the paper's terms only; {simulator!r} asks "
+                     f"for the {variant!r} variant (fit it in memory)")
   if solver not in SOLVERS:
     raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
   if chunk_size is not None and chunk_size < 1:
@@ -407,10 +410,12 @@ def fit_streaming(workspace, fit_run_ids: Sequence[str], *, simulator: str,
   params = FitParams(A=a_out, B=b_out, train_ids=train_ids, test_ids=test_ids, kind=kind,
                      lam=grid[best])
   diagnostics = {
-      "simulator": simulator, "kind": kind, "lam": grid[best],
+      "simulator": simulator, "kind": kind, "variant": "paper",
+      "variant_chosen_by": "the streaming fit solves the paper's terms only",
+      "lam": grid[best],
       "lam_chosen_by": "given" if lam is not None else "validation all-steps MSE",
-      "validation_mse": ({repr(v): float(s) for v, s in zip(grid, scores)}
-                         if val_runs else {}),
+      "validation_mse": ({simulators.candidate_key("paper", v, ridge.PAPER): float(s)
+                          for v, s in zip(grid, scores)} if val_runs else {}),
       "fit_runs": list(fit_run_ids), "val_runs": list(val_run_ids),
       "num_train": int(n), "num_test": int(m),
       "num_transitions": num_steps,

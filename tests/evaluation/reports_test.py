@@ -84,7 +84,8 @@ def _build_workspace(ws: pathlib.Path) -> dict:
     fit_params.save_fit(ws, sim, params, diag)
     loaded, _ = fit_params.load_fit(ws, sim)
     result = {"fit": sim, "kind": loaded.kind, "lam": loaded.lam,
-              **simulators.evaluate(loaded, read(split["heldout"]))}
+              **simulators.evaluate(loaded, read(split["heldout"]),
+                                    fit_runs=read(split["fit"]))}
     (ws / "fits" / sim / "metrics.json").write_text(json.dumps(result))
     experiment["fits"][sim] = {"simulator": sim, "label": label}
   # A TracIn-CP-like fit: additive parameters scored with the paper's σ rescaling.
@@ -92,7 +93,7 @@ def _build_workspace(ws: pathlib.Path) -> dict:
   fit_params.save_fit(ws, "tracin_cp", params, {**diag, "simulator": "tracin_cp",
                                                 "rescale": baselines.RESCALE_NOTE})
   result = {"fit": "tracin_cp", "kind": params.kind, "lam": params.lam,
-            **baselines.evaluate_rescaled(params, read(split["heldout"]))}
+            **baselines.evaluate_rescaled(params, read(split["heldout"]), read(split["fit"]))}
   (ws / "fits" / "tracin_cp" / "metrics.json").write_text(json.dumps(result))
   experiment["fits"]["tracin_cp"] = {"simulator": "tracin_cp", "label": "TracIn-CP"}
   (ws / "experiment.json").write_text(json.dumps(experiment))
@@ -120,9 +121,20 @@ def test_table_has_evaluate_numbers(report):
     cells = [c.strip().strip("*") for c in row.strip("|").split("|")]
     want_mse = f"{m['mse']['mean']:.3g} ± {m['mse']['std']:.3g}"
     want_rho = f"{m['spearman']['mean']:.3g} ± {m['spearman']['std']:.3g}"
-    assert cells[1] == want_mse and cells[2] == want_rho, (row, want_mse, want_rho)
-    assert cells[3] == f"{m['lam']:.3g}"
+    # Method | Variant | λ | MSE | curriculum R² | Spearman | across-run | fit s | runs
+    assert cells[3] == want_mse and cells[5] == want_rho, (row, want_mse, want_rho)
+    assert cells[2] == f"{m['lam']:.3g}"
+    assert cells[4] == f"{m['curriculum_r2']:.3g}"
+    assert cells[6].startswith(f"{m['across_run']['mean']:.3g} (")
     rows[name] = m
+  # The no-curriculum baselines are rows of the same table, scored by the same code.
+  for label, key in (("No curriculum: mean trajectory", "mean_trajectory"),
+                     ("No curriculum: initial loss", "initial_loss")):
+    row = next(l for l in md.splitlines() if l.startswith(f"| {label}"))
+    want = m["baselines"][key]
+    cells = [c.strip().strip("*") for c in row.strip("|").split("|")]
+    assert cells[3] == f"{want['mse']['mean']:.3g} ± {want['mse']['std']:.3g}", row
+    assert cells[4] == f"{want['curriculum_r2']:.3g}", row
   # Bold marks the best mean MSE.
   best = min(rows, key=lambda n: rows[n]["mse"]["mean"])
   assert f"**{rows[best]['mse']['mean']:.3g} ± {rows[best]['mse']['std']:.3g}**" in md
@@ -226,8 +238,8 @@ def test_without_experiment_json_or_counterfactuals(report, tmp_path):
   md = pathlib.Path(result["markdown"]).read_text()
   assert result["images"] == 2
   assert "No counterfactual runs" in md and "held-out 2 (from metrics.json)" in md
-  for info in experiment["fits"].values():
-    assert f"\n| {info['label']} " in md, info
+  for info in experiment["fits"].values():   # without experiment.json: the library's labels
+    assert f"\n| {report_lib.LABELS[info['simulator']]} " in md, info
 
 
 def test_quality_notes_list_unidentified_and_constant_examples(tmp_path):

@@ -125,9 +125,10 @@ def test_xm_launch_dry_run_plans_the_same_stages(tmp_path):
   shard_runs = [json.loads(job["args"][-1].split(" = ", 1)[1]) for job in stages[1]]
   assert sum(shard_runs, []) == [f"run_{r:03d}" for r in range(32)]  # each run exactly once
   assert names[2] == ["merge"] and names[3] == ["split"]
-  assert names[4] == [f"fit_{s}" for s in ("linear", "additive", "multiplicative",
-                                            "tracin_cp", "influence", "source",
-                                            "hypothetical_linear", "featurized")]
+  assert names[4] == [f"fit_{s}" for s in (
+      "linear", "linear_paper", "additive", "additive_paper", "multiplicative",
+      "multiplicative_paper", "tracin_cp", "influence", "source", "hypothetical_linear",
+      "featurized")]
   assert names[5] == [f"evaluate_{s[4:]}" for s in names[4]]
   assert names[-1] == ["report"]
 

@@ -74,7 +74,9 @@ def test_unknown_train_id_names_run_step_and_id():
 def test_transitions_is_a_pytree():
   tr = design.build_transitions(_two_runs(), train_ids=TRAIN_IDS, test_ids=TEST_IDS)
   leaves, treedef = jax.tree.flatten(tr)
-  assert len(leaves) == 4
+  assert len(leaves) == 5     # batches, prev, target, mask, steps
+  # steps: each row's 0-based step within its run (two runs: 3 steps, then 2)
+  np.testing.assert_array_equal(tr.steps, [0, 1, 2, 0, 1])
   doubled = jax.tree.map(lambda a: a * 2, tr)
   assert doubled.num_train == 4
   np.testing.assert_array_equal(doubled.prev, 2 * tr.prev)

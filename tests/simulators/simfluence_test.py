@@ -122,7 +122,7 @@ def test_lambda_is_chosen_by_validation_rollout_mse(workspace):
   fit_runs = simulators.read_runs(root, ["r00", "r01", "r02", "r03"])
   val_runs = simulators.read_runs(root, ["r04", "r05"])
   grid = (1e-3, 1.0, 30.0)
-  params, diag = simulators.fit(fit_runs, simulator="linear", lam_grid=grid,
+  params, diag = simulators.fit(fit_runs, simulator="linear_paper", lam_grid=grid,
                                 val_runs=val_runs)
   want = {}
   for lam in grid:
@@ -136,7 +136,7 @@ def test_lambda_is_chosen_by_validation_rollout_mse(workspace):
   best = min(want, key=want.get)
   assert params.lam == best
   for lam in grid:
-    assert diag["validation_mse"][repr(lam)] == pytest.approx(want[lam], rel=1e-3)
+    assert diag["validation_mse"][f"paper lam={lam!r}"] == pytest.approx(want[lam], rel=1e-3)
 
 
 def test_tracin_ideal_alias_is_additive(workspace):

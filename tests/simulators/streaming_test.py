@@ -129,7 +129,7 @@ def test_lambda_selection_matches_the_in_memory_fit(tmp_path):
   workspace, fit_ids, val_ids = _workspace(tmp_path)
   grid = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
   ref, ref_diag = simulators.fit(simulators.read_runs(workspace, fit_ids),
-                                 simulator="linear", lam_grid=grid,
+                                 simulator="linear_paper", lam_grid=grid,
                                  val_runs=simulators.read_runs(workspace, val_ids))
   for keep_bytes in (1 << 30, 0):                 # all λs kept, or a second pass
     params, diag = streaming.fit_streaming(workspace, fit_ids, simulator="linear",
