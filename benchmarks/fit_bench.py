@@ -1,4 +1,7 @@
-"""Benchmark of the production ridge solver (ridge.solve) on the paper's trace sizes.
+"""Benchmark of the production ridge solver on the paper's trace sizes: the paper's Eq. 2
+(`ridge.solve`) and the default variant with run-shared step terms ρ_t, γ_t
+(`ridge.solve_path_with_terms`, the variant `fit --simulator=linear` picks on our
+experiments).
 
 Synthetic traces follow the paper's protocol (§5): 20 fit runs, each a random subset of the
 train pool, reshuffled every epoch, batch size 4:
@@ -9,7 +12,9 @@ Losses follow a planted Simfluence-Linear process (Eq. 1) plus Gaussian process 
 Reports (last line, JSON): the median wall time of `ridge.solve` after a warm-up compile,
 a per-example numpy baseline (dense X, float64 normal equations) timed on a sample and
 extrapolated to seconds per simulator, and the production error vs those float64 solves
-(max |Δ| over the sample, relative to the sample's max |parameter|).
+(max |Δ| over the sample, relative to the sample's max |parameter|); the same three figures
+for the step-terms variant under "rho_gamma" (its numpy baseline adds the step columns
+[(x − x̄_t)·E, E] to X, the same model as the solver's).
 
   python -m benchmarks.fit_bench --size=few-shot [--m=10000] [--lam=0.1] [--repeats=5]
 (from the repository root; or PYTHONPATH=. python benchmarks/fit_bench.py ...)
@@ -92,8 +97,50 @@ def numpy_baseline(tr, cols, *, lam: float):
   return out
 
 
+def numpy_baseline_step_terms(tr, cols, *, lam: float, lam_step: float):
+  """Per test example: dense X = [x·Q, Q, (x − x̄_t)·E, E] in float64, normal equations.
+
+  Returns [(A, B, rho, gamma)] with gamma in the model's basis (γ_t = γ'_t − ρ_t x̄_t).
+  """
+  steps = np.asarray(tr.steps)
+  num_t = int(steps.max()) + 1
+  q = np.zeros((tr.num_steps, tr.num_train))
+  for s, row in enumerate(np.asarray(tr.batches)):
+    for i in row:
+      if i >= 0:
+        q[s, i] += 1.0
+  e = np.zeros((tr.num_steps, num_t))
+  e[np.arange(tr.num_steps), steps] = 1.0
+  n = tr.num_train
+  pen = np.concatenate([np.full(2 * n, lam), np.full(2 * num_t, lam_step)])
+  out = []
+  for z in cols:
+    keep = np.asarray(tr.mask[:, z]) > 0
+    x = np.asarray(tr.prev[keep, z], np.float64)
+    y = np.asarray(tr.target[keep, z], np.float64)
+    ek = e[keep]
+    xbar = ek.T @ x / np.maximum(ek.sum(0), 1)
+    xm = np.concatenate([x[:, None] * q[keep], q[keep], (x - ek @ xbar)[:, None] * ek, ek], 1)
+    w = np.linalg.solve(xm.T @ xm + np.diag(pen), xm.T @ y)
+    rho = w[2 * n:2 * n + num_t]
+    out.append((w[:n], w[n:2 * n], rho, w[2 * n + num_t:] - rho * xbar))
+  return out
+
+
+def _time(fn, repeats):
+  t0 = time.perf_counter()
+  result = jax.block_until_ready(fn())
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    result = jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return result, statistics.median(times), times, first
+
+
 def run(size: str, m: int | None, lam: float, repeats: int, sample: int | None,
-        chunk_size: int | None) -> dict:
+        chunk_size: int | None, lam_step: float = 0.01) -> dict:
   cfg = dict(SIZES[size])
   m = cfg.pop("m") if m is None else m
   cfg.pop("m", None)
@@ -101,16 +148,12 @@ def run(size: str, m: int | None, lam: float, repeats: int, sample: int | None,
   tr = design.build_transitions(runs, train_ids=train_ids, test_ids=test_ids)
   del runs
 
-  t0 = time.perf_counter()
-  jax.block_until_ready(ridge.solve(tr, kind="linear", lam=lam, chunk_size=chunk_size))
-  compile_and_first = time.perf_counter() - t0
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    a, b = jax.block_until_ready(ridge.solve(tr, kind="linear", lam=lam,
-                                             chunk_size=chunk_size))
-    times.append(time.perf_counter() - t0)
-  seconds = statistics.median(times)
+  (a, b), seconds, times, compile_and_first = _time(
+      lambda: ridge.solve(tr, kind="linear", lam=lam, chunk_size=chunk_size), repeats)
+  terms = ridge.Terms(rho=True, gamma=True, lam_step=lam_step)
+  (sol,), steps_seconds, steps_times, steps_first = _time(
+      lambda: ridge.solve_path_with_terms(tr, kind="linear", lams=[lam], terms=terms,
+                                          chunk_size=chunk_size), repeats)
 
   if sample is None:
     sample = 40 if size == "few-shot" else 3
@@ -122,6 +165,14 @@ def run(size: str, m: int | None, lam: float, repeats: int, sample: int | None,
   want = np.stack([np.concatenate(w) for w in ref])
   got = np.concatenate([a[cols], b[cols]], axis=1)
   max_rel_err = float(np.abs(got - want).max() / np.abs(want).max())
+  t0 = time.perf_counter()
+  ref_steps = numpy_baseline_step_terms(tr, cols, lam=lam, lam_step=lam_step)
+  steps_baseline = (time.perf_counter() - t0) / len(cols)
+  steps_err = {}
+  for j, name in enumerate(ridge.Solution._fields):
+    got = np.asarray(getattr(sol, name), np.float64)[cols]
+    want = np.stack([r[j] for r in ref_steps])
+    steps_err[name] = float(np.abs(got - want).max() / np.abs(want).max())
   return {
       "size": size, "m": int(m), "n": int(tr.num_train), "S": int(tr.num_steps),
       "k": int(tr.batches.shape[1]), "lam": lam, "dtype": str(np.asarray(tr.prev).dtype),
@@ -129,6 +180,11 @@ def run(size: str, m: int | None, lam: float, repeats: int, sample: int | None,
       "sims_per_s": m / seconds, "baseline_seconds_per_sim": baseline_per_sim,
       "baseline_sample": int(len(cols)), "speedup": baseline_per_sim * m / seconds,
       "max_rel_err": max_rel_err,
+      "rho_gamma": {"lam_step": lam_step, "seconds": steps_seconds, "seconds_all": steps_times,
+                    "first_call_seconds": steps_first,
+                    "baseline_seconds_per_sim": steps_baseline,
+                    "speedup": steps_baseline * m / steps_seconds,
+                    "max_rel_err": steps_err},
       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
       "backend": jax.default_backend(),
   }
@@ -143,8 +199,10 @@ def main(argv=None) -> None:
   parser.add_argument("--sample", type=int, default=None,
                       help="test examples for the numpy baseline / error check")
   parser.add_argument("--chunk_size", type=int, default=None)
+  parser.add_argument("--lam_step", type=float, default=0.01, help="step terms' λ_s")
   args = parser.parse_args(argv)
-  result = run(args.size, args.m, args.lam, args.repeats, args.sample, args.chunk_size)
+  result = run(args.size, args.m, args.lam, args.repeats, args.sample, args.chunk_size,
+               args.lam_step)
   sys.stdout.write(json.dumps(result) + "\n")
 
 

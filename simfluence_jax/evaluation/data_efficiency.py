@@ -39,8 +39,8 @@ Fitter = Callable[[Sequence], FitParams]
 
 
 def linear_fitter(*, lam: float = 1e-2) -> Fitter:
-  """Per-example Simfluence-Linear (ridge, Eq. 2) with a fixed λ."""
-  return lambda runs: simulators_lib.fit(runs, simulator="linear", lam=lam)[0]
+  """Per-example Simfluence-Linear, the paper's Eq. 2 (ridge) with a fixed λ."""
+  return lambda runs: simulators_lib.fit(runs, simulator="linear_paper", lam=lam)[0]
 
 
 def featurized_fitter(*, rank: int = 4, lam: float = 1e-2, steps: int = 3000,
@@ -86,15 +86,20 @@ def unseen_slots(fit_runs: Sequence, runs: Sequence) -> tuple[list[int], float]:
 
 
 def _row(name: str, fit_runs, params: FitParams, heldout, fit_s: float) -> dict:
-  scores = simulators_lib.evaluate(params, heldout, unseen="mean")
+  scores = simulators_lib.evaluate(params, heldout, unseen="mean", fit_runs=fit_runs)
   ids, frac = unseen_slots(fit_runs, heldout)
-  num_runs = len(fit_runs)
+  row = _scores_row(name, len(fit_runs), scores)
+  row.update({"num_unseen_train_ids": len(ids), "unseen_slot_fraction": frac,
+              "num_imputed_train_ids": len(scores["imputed_train_ids"]), "fit_s": fit_s})
+  return row, scores
+
+
+def _scores_row(name: str, num_runs: int, scores: dict) -> dict:
   return {"num_runs": int(num_runs), "simulator": name,
           "mse_mean": scores["mse"]["mean"], "mse_std": scores["mse"]["std"],
+          "curriculum_r2": scores.get("curriculum_r2"),
           "spearman_mean": scores["spearman"]["mean"],
-          "spearman_std": scores["spearman"]["std"],
-          "num_unseen_train_ids": len(ids), "unseen_slot_fraction": frac,
-          "num_imputed_train_ids": len(scores["imputed_train_ids"]), "fit_s": fit_s}
+          "spearman_std": scores["spearman"]["std"]}
 
 
 def study(runs: Sequence, heldout: Sequence, *,
@@ -110,10 +115,11 @@ def study(runs: Sequence, heldout: Sequence, *,
       name -> fitter(runs) -> FitParams.
 
   Returns:
-    rows [{"num_runs", "simulator", "mse_mean", "mse_std", "spearman_mean",
-    "spearman_std", "num_unseen_train_ids", "unseen_slot_fraction",
-    "num_imputed_train_ids", "fit_s"}], ordered by
-    num_runs, then simulator in the given order.
+    rows [{"num_runs", "simulator", "mse_mean", "mse_std", "curriculum_r2",
+    "spearman_mean", "spearman_std", "num_unseen_train_ids", "unseen_slot_fraction",
+    "num_imputed_train_ids", "fit_s"}], ordered by num_runs, then simulator in the given
+    order, then the no-curriculum baseline "mean_trajectory" of the same N runs (its
+    unseen / fit fields None).
   """
   if not heldout:
     raise ValueError("study needs at least one held-out run")
@@ -127,11 +133,17 @@ def study(runs: Sequence, heldout: Sequence, *,
   fitters = _resolve(simulators)
   rows = []
   for n in num_runs_list:
+    scores = None
     for name, fitter in fitters.items():
       t0 = time.perf_counter()
       fit_runs = list(runs[:int(n)])
       params = fitter(fit_runs)
-      rows.append(_row(name, fit_runs, params, heldout, time.perf_counter() - t0))
+      row, scores = _row(name, fit_runs, params, heldout, time.perf_counter() - t0)
+      rows.append(row)
+    # The no-curriculum baseline of the same N fit runs, scored by the same code.
+    rows.append({**_scores_row("mean_trajectory", n, scores["baselines"]["mean_trajectory"]),
+                 "num_unseen_train_ids": None, "unseen_slot_fraction": None,
+                 "num_imputed_train_ids": None, "fit_s": None})
   return rows
 
 
@@ -148,7 +160,7 @@ def unseen_examples_eval(fit_runs: Sequence, heldout: Sequence, *,
   for name, fitter in fitters.items():
     t0 = time.perf_counter()
     params = fitter(list(fit_runs))
-    rows.append(_row(name, list(fit_runs), params, heldout, time.perf_counter() - t0))
+    rows.append(_row(name, list(fit_runs), params, heldout, time.perf_counter() - t0)[0])
   return rows
 
 
@@ -164,7 +176,8 @@ def markdown_table(rows: Sequence[dict], *, digits: int = 3) -> str:
     lines.append(f"| {r['num_runs']} | {r['simulator']} | "
                  f"{_pm(r['mse_mean'], r['mse_std'], digits)} | "
                  f"{_pm(r['spearman_mean'], r['spearman_std'], digits)} | "
-                 f"{100 * r['unseen_slot_fraction']:.1f}% |")
+                 + ("– |" if r["unseen_slot_fraction"] is None
+                    else f"{100 * r['unseen_slot_fraction']:.1f}% |"))
   return "\n".join(lines) + "\n"
 
 
