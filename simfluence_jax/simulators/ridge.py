@@ -43,10 +43,12 @@ solvers — batched preconditioned conjugate gradients (PCG) over test examples 
     1 (Eq. 4 decouples per example). The preconditioned spectrum is then Marchenko-Pastur-
     like, ≈ [(1 − √(2n/S))², (1 + √(2n/S))²] from the random batch coupling, plus two
     outliers ≈ k (the common A and B modes): ~11 iterations few-shot, ~20 many-shot.
-  * Coarse start (paper's problem only): V = [1_A, 1_B] (see `_System`): CG starts from the
-    best fit with all A_i equal and all B_i equal (a 2 × 2 solve per lane). With step terms
-    or centring those common modes are (nearly) absorbed by ρ, γ or ā, b̄, so CG starts
-    from 0 (from the previous λ's solution along a λ path).
+  * Coarse start: V = [1_A, 1_B] (see `_System`): CG starts from the best fit with all
+    A_i equal and all B_i equal (a 2 × 2 solve per lane; with step terms H V costs two
+    matvecs). With centring those common modes carry no penalty, so CG starts from 0.
+  * Speed (benchmarks/fit_bench.py, few-shot m = 10,000): the paper's problem converges in
+    ~10 iterations, the step-terms problem in ~40 (each about as costly: per-step sums are
+    a reshape-and-sum when every fit run has the same length).
   * Stopping: each lane stops updating (α_cg = 0) once ‖r‖ ≤ tol·‖rhs‖ for its own residual,
     so a lane's result does not depend on which other lanes share its chunk or window.
   * Layout: lanes run in chunks of `chunk_size` inside one jitted `fori_loop`, so a chunk's
@@ -267,16 +269,26 @@ class _Steps:
   its guarded inverse); `project(v)` = v − U θ(v), θ(v)_t = M_t⁻¹ Σ_{s∈t} μ_s u_s v_s.
   """
 
-  def __init__(self, steps, num_steps, x, mu, terms, lam_step):
+  def __init__(self, steps, num_steps, x, mu, terms, lam_step, equal_runs):
     self.steps, self.t, self.terms = steps, num_steps, terms
     self.mu = mu
-    seg = lambda v: jax.ops.segment_sum(v, steps, num_segments=num_steps)   # [S,L]->[T,L]
+    if equal_runs:
+      # Every run has T steps and rows are run-major (design.build_transitions), so the
+      # per-step sums are a dense reduction over the runs axis and θ[steps] a broadcast —
+      # no scatter / gather.
+      runs = x.shape[0] // num_steps
+      seg = lambda v: v.reshape(runs, num_steps, -1).sum(0)                   # [S,L]->[T,L]
+      self.spread = lambda th: jnp.broadcast_to(
+          th[None], (runs,) + th.shape).reshape(runs * num_steps, -1)        # [T,L]->[S,L]
+    else:
+      seg = lambda v: jax.ops.segment_sum(v, steps, num_segments=num_steps)   # [S,L]->[T,L]
+      self.spread = lambda th: th[steps]
     self.seg = seg
     lam = jnp.asarray(lam_step, x.dtype)
     if terms.rho and terms.gamma:
       count = seg(mu)
       self.xbar = seg(mu * x) / jnp.where(count > 0, count, 1.0)           # [T, L]
-      self.x = xc = jnp.where(mu > 0, x - self.xbar[steps], 0.0)
+      self.x = xc = jnp.where(mu > 0, x - self.spread(self.xbar), 0.0)
       self.inv = _inv2(seg(mu * xc * xc) + lam, seg(mu * xc), count + lam)
     else:
       self.x = x
@@ -296,10 +308,10 @@ class _Steps:
     """U θ: [S, L]."""
     out, i = 0.0, 0
     if self.terms.rho:
-      out = out + self.x * theta[0][self.steps]
+      out = out + self.x * self.spread(theta[0])
       i = 1
     if self.terms.gamma:
-      out = out + theta[i][self.steps]
+      out = out + self.spread(theta[i])
     return out
 
   def project(self, v):
@@ -319,26 +331,28 @@ class _System:
   batch size Σ_i Q[s, i] of each step. With step terms H is the Schur complement after
   eliminating θ (`_Steps`); with centring the penalty is λ (I − J/n).
 
-  Coarse space (paper's terms only): V = [1_A, 1_B] restricted to the train examples a lane
+  Coarse space (all but centred): V = [1_A, 1_B] restricted to the train examples a lane
   observes (every A_i equal, every B_i equal). Since Q V = k_s on recorded steps, H V needs
   only the scatter of μ k_s [x², x, 1] (= k · the diagonal weights when every batch has k
   distinct examples), E = Vᵀ H V is a lane sum, and the Galerkin start w0 = V E⁻¹ Vᵀ rhs
   removes the large common component of A (α ≈ 1 ⇒ A_i ≈ 1/k). The right-hand side, H V
-  and the preconditioner diagonals come from one scatter.
+  and the preconditioner diagonals come from one scatter. With step terms H V is two exact
+  matvecs instead.
   """
 
   def __init__(self, ops, mult, ks, x, y, mu, kind, has_dups, uniform, terms, steps,
-               num_steps, lam_step):
+               num_steps, lam_step, equal_runs=False):
     self.ops, self.kind, self.n, self.terms = ops, kind, ops.n, terms
     self.mu = mu = jnp.where(mu > 0, 1.0, 0.0).astype(x.dtype)
     self.x = x = jnp.where(mu > 0, x, 0)
     y = jnp.where(mu > 0, y, 0)
     self.lanes = l = x.shape[1]
     self.parts = 2 if kind == "linear" else 1
-    self.coarse_start = terms.is_paper
+    self.coarse_start = not terms.centred
+    self.exact_hv = terms.has_steps   # H V by two matvecs: the scatter shortcut is for Eq. 2
     self.target = y - x if kind == "additive" else y       # what X w (+ U θ) fits
-    self.st = (_Steps(steps, num_steps, x, mu, terms, lam_step) if terms.has_steps
-               else None)
+    self.st = (_Steps(steps, num_steps, x, mu, terms, lam_step, equal_runs)
+               if terms.has_steps else None)
     ty = self.st.project(self.target) if self.st is not None else self.target
     mx = mu * x
     if kind == "linear":
@@ -349,7 +363,8 @@ class _System:
       sides, diags = [mx * ty], [mx * x]
     nd = len(diags)
     # uniform (static): no duplicates and every step holds k examples -> H V = k · diag.
-    coarse = [] if (uniform or not self.coarse_start) else [ks * d for d in diags]
+    coarse = ([] if (uniform or not self.coarse_start or self.exact_hv)
+              else [ks * d for d in diags])
     if has_dups:   # the diagonal needs Σ_s Q[s, i]² w_s: its own multiplicity-weighted scatter
       side = ops.qt(jnp.concatenate(sides + coarse, axis=1))
       diag = ops.qt(jnp.concatenate(diags, axis=1), mult)
@@ -366,6 +381,9 @@ class _System:
     self.v = ((jnp.concatenate([seen, zero], axis=1), jnp.concatenate([zero, seen], axis=1))
               if kind == "linear" else (seen,))
     if not self.coarse_start:
+      return
+    if self.exact_hv:
+      self.hv0 = tuple(self.apply(v, 0.0) for v in self.v)
       return
     hv = (tuple(side[:, p + j * l:p + (j + 1) * l] for j in range(nd)) if not uniform
           else tuple(ks[0, 0] * d for d in self.diag))
@@ -451,7 +469,8 @@ class _System:
 
   def preconditioner(self, lam):
     """Exact inverse of each train example's 2×2 (1×1) diagonal block of the paper's
-    H + λI (an approximation of H' with step terms or centring)."""
+    H + λI (an approximation of H' with step terms or centring: the exact blocks of the
+    Schur complement were tried and cost more to form than the iterations they saved)."""
     if self.parts == 1:
       inv = _inv1(self.diag[0] + lam)
       return lambda r: inv * r
@@ -499,10 +518,11 @@ def _pcg(apply_h, precond, rhs, w, r, lam, tol, max_iters, parts):
 
 @functools.partial(jax.jit,
                    static_argnames=("kind", "num_train", "chunk", "width", "max_iters",
-                                    "has_dups", "uniform", "terms", "num_steps"))
+                                    "has_dups", "uniform", "terms", "num_steps",
+                                    "equal_runs"))
 def _solve_path_jit(cols, mult, ks, steps, prev, target, mask, lams, lam_step, tol, col0, *,
                     kind, num_train, chunk, width, max_iters, has_dups, uniform, terms,
-                    num_steps):
+                    num_steps, equal_runs):
   """(W [L, P, width, n], Θ [L, p, width, T]) for test columns col0 .. col0+width-1 and
   every λ in `lams`, solved in the given order: the first from the start, each later one
   warm-started from the previous λ's solution (P = 2 for linear: A then B; else the one
@@ -522,7 +542,7 @@ def _solve_path_jit(cols, mult, ks, steps, prev, target, mask, lams, lam_step, t
     zero = jnp.int32(0)
     sl = lambda a: lax.dynamic_slice(a, (zero, (col0 + start).astype(jnp.int32)), (s, chunk))
     sys_ = _System(ops, mult, ks, sl(prev), sl(target), sl(mask), kind, has_dups, uniform,
-                   terms, steps, num_steps, lam_step)
+                   terms, steps, num_steps, lam_step, equal_runs)
 
     def pcg(w, r, lam):
       return _pcg(sys_.apply, sys_.preconditioner(lam), sys_.rhs, w, r, lam, tol,
@@ -638,7 +658,9 @@ def solve_path_with_terms(tr, *, kind: str, lams: Sequence[float], terms: Terms 
       kind=kind, num_train=n, chunk=chunk, width=width, max_iters=int(max_iters),
       has_dups=bool((mult > 1).any()),
       uniform=bool((mult <= 1).all() and (ks == ks.flat[0]).all()) if s else False,
-      terms=dataclasses.replace(terms, lam_step=0.0), num_steps=num_steps)
+      terms=dataclasses.replace(terms, lam_step=0.0), num_steps=num_steps,
+      equal_runs=bool(terms.has_steps and s % max(num_steps, 1) == 0 and np.array_equal(
+          np.asarray(tr.steps), np.tile(np.arange(num_steps), s // max(num_steps, 1)))))
   if len(starts) == 1:
     parts = [call(np.int32(0))]
   else:

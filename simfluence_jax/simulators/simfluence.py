@@ -41,7 +41,7 @@ ALIASES = {"tracin_ideal": "additive_paper"}
 # Wide enough that validation does not pick an edge on our experiments (fit.json says when
 # it does); λ_step: the step terms' own penalty.
 DEFAULT_LAM_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
-DEFAULT_LAM_STEP_GRID = (1e-4, 1e-2, 1.0)
+DEFAULT_LAM_STEP_GRID = (1e-6, 1e-4, 1e-2, 1.0)
 SIMULATORS = tuple(KINDS) + tuple(f"{k}_{v}" for k in KINDS for v in VARIANTS) + tuple(ALIASES)
 
 
@@ -289,6 +289,18 @@ def fit(fit_runs: Sequence[RunTrace], *, simulator: str, lam: float | None = Non
     edges["lam"] = _edge(params.lam, lams)
   if terms.has_steps and len(step_lams) > 1:
     edges["lam_step"] = _edge(terms.lam_step, step_lams)
+  if val_scores:   # is the validation MSE still moving at the edge, or flat (< 0.1%)?
+    for key, edge in list(edges.items()):
+      if edge:
+        grid = lams if key == "lam" else step_lams
+        value = params.lam if key == "lam" else terms.lam_step
+        neighbour = sorted(grid)[1] if edge == "smallest" else sorted(grid)[-2]
+        other = dataclasses.replace(terms, lam_step=neighbour) if key == "lam_step" else terms
+        lam_n = neighbour if key == "lam" else params.lam
+        here = val_scores[candidate_key(name, params.lam, terms)]
+        there = val_scores.get(candidate_key(name, lam_n, other))
+        flat = there is not None and abs(there - here) <= 1e-3 * abs(here)
+        edges[key] = f"{edge} (validation MSE {'flat' if flat else 'still falling'} there)"
   diagnostics = {
       "simulator": simulator,
       "kind": kind,
