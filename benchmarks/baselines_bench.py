@@ -38,8 +38,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
-METHODS = ("linear", "additive", "multiplicative", "featurized", "tracin_cp", "influence",
-           "source", "hypothetical_linear")
+METHODS = ("linear", "linear_paper", "additive", "multiplicative", "featurized", "tracin_cp",
+           "influence", "source", "hypothetical_linear")
 _LINKED = ("runs", "checkpoints", "examples", "pretrained", "experiment.json", "config.gin")
 
 
