@@ -25,7 +25,7 @@ kind "multiplicative" (β ≡ 0):        (Qᵀ D_xx Q + λI) A = Qᵀ(μ x y),  
     Minimising over ā gives the penalty λ ‖(I − J/n) A‖² (J = 11ᵀ; likewise for B): strong
     regularisation tends to one shared dynamic, not to A = B = 0.
 
-`solve_dense_reference` builds X per z explicitly in float64 numpy (the tests' oracle).
+`solve_dense_reference` (ridge_reference.py) builds X per z explicitly in float64 numpy.
 
 `solve` / `solve_path` (the paper's problem) and `solve_path_with_terms` are the production
 solvers — batched preconditioned conjugate gradients (PCG) over test examples ("lanes"):
@@ -41,22 +41,19 @@ solvers — batched preconditioned conjugate gradients (PCG) over test examples 
   * Preconditioner: the exact inverse of each train example's 2 × 2 diagonal block
     [[Σ μx²q², Σ μxq²], [Σ μxq², Σ μq²]] + λI of the paper's H — exact when the batch size is
     1 (Eq. 4 decouples per example). The preconditioned spectrum is then Marchenko-Pastur-
-    like, ≈ [(1 − √(2n/S))², (1 + √(2n/S))²] from the random batch coupling, plus two
-    outliers ≈ k (the common A and B modes): ~11 iterations few-shot, ~20 many-shot.
+    like, ≈ [(1 − √(2n/S))², (1 + √(2n/S))²], plus two outliers ≈ k (the common modes).
   * Coarse start: V = [1_A, 1_B] (see `_System`): CG starts from the best fit with all
     A_i equal and all B_i equal (a 2 × 2 solve per lane; with step terms H V costs two
     matvecs). With centring those common modes carry no penalty, so CG starts from 0.
-  * Speed (benchmarks/fit_bench.py, few-shot m = 10,000): the paper's problem converges in
-    ~10 iterations, the step-terms problem in ~40 (each about as costly: per-step sums are
-    a reshape-and-sum when every fit run has the same length).
+  * Speed (benchmarks/fit_bench.py): ~10 iterations few-shot for the paper's problem, ~40
+    with step terms (per-step sums are a reshape-and-sum when runs have equal length).
   * Stopping: each lane stops updating (α_cg = 0) once ‖r‖ ≤ tol·‖rhs‖ for its own residual,
     so a lane's result does not depend on which other lanes share its chunk or window.
   * Layout: lanes run in chunks of `chunk_size` inside one jitted `fori_loop`, so a chunk's
     working set stays in cache and memory is O(S · chunk) beyond the inputs for any m;
     equal column windows run on concurrent threads (XLA:CPU runs one loop on one core).
   * A λ path warm-starts each λ (largest first) from the previous solution of that chunk.
-float32 results are within ~1e-4 of the float64 solution relative to max |parameter|
-(tol 1e-6); float64 (jax x64) within ~1e-9 (tol 1e-10).
+float32 is within ~1e-4 of float64 relative to max |parameter| (tol 1e-6); float64 ~1e-9.
 """
 
 from __future__ import annotations
@@ -65,139 +62,16 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-KINDS = ("linear", "additive", "multiplicative")
-
-
-def _check_kind(kind: str) -> str:
-  if kind not in KINDS:
-    raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
-  return kind
-
-
-@dataclasses.dataclass(frozen=True)
-class Terms:
-  """The terms of the fitted model beyond the paper's A, B (all off = the paper's Eq. 2).
-
-  rho, gamma: fit run-shared step terms ρ_t (times L_{t-1}) and γ_t, one per step t of the
-    fit runs and test example, penalised by lam_step (absolute, like λ).
-  centred: shrink A and B toward their mean over the train examples instead of toward 0.
-  """
-  rho: bool = False
-  gamma: bool = False
-  lam_step: float = 1e-4
-  centred: bool = False
-
-  @property
-  def has_steps(self) -> bool:
-    return self.rho or self.gamma
-
-  @property
-  def is_paper(self) -> bool:
-    return not (self.has_steps or self.centred)
-
-
-PAPER = Terms()
-
-
-class Solution(NamedTuple):
-  """One λ's solution: A, B [m, n]; rho, gamma [m, T] (T = 0 when not fitted)."""
-  A: jax.Array
-  B: jax.Array
-  rho: jax.Array
-  gamma: jax.Array
-
-
-def num_fit_steps(tr) -> int:
-  """T: the number of step terms per test example (the longest fit run's length)."""
-  steps = getattr(tr, "steps", None)
-  if steps is None:
-    raise ValueError("step terms need Transitions.steps (the step index of each row); "
-                     "build the Transitions with design.build_transitions")
-  steps = np.asarray(steps)
-  return int(steps.max()) + 1 if steps.size else 0
-
-
-def _dense_q(batches: np.ndarray, n: int) -> np.ndarray:
-  b = np.asarray(batches)
-  q = np.zeros((b.shape[0], n))
-  for j in range(b.shape[1]):
-    ok = b[:, j] >= 0
-    np.add.at(q, (np.nonzero(ok)[0], b[ok, j]), 1.0)
-  return q
-
-
-def solve_dense_reference(tr, *, kind: str, lam: float, terms: Terms = PAPER):
-  """Eq. 13 (with `terms`) solved per test example with an explicit float64 design matrix.
-
-  For each z: rows s with mask 1, X = [x·Q, Q] (or Q / x·Q for the ablations), plus
-  [x·E, E] for the step terms (E the one-hot of each row's step), and
-  w = argmin ‖y − Xw‖² + ‖Γ w‖² via lstsq on the stacked system [X; Γ] (min-norm at λ = 0),
-  Γ = √λ I on A, B (√λ (I − J/n) per half when centred) and √λ_s I on ρ, γ — with both
-  step terms, on ρ_t and γ'_t = γ_t + ρ_t x̄_t (x̄_t the step's mean recorded L_{t-1}: the
-  model in the step-centred basis (x − x̄_t)·E, E, as the production solver solves it).
-  Returns float64 (A, B) [m, n] for the paper's terms, else a Solution (numpy float64).
-  """
-  _check_kind(kind)
-  n = tr.num_train
-  q = _dense_q(np.asarray(tr.batches), n)
-  prev, target = np.asarray(tr.prev, np.float64), np.asarray(tr.target, np.float64)
-  mask = np.asarray(tr.mask) > 0
-  m = prev.shape[1]
-  num_t = num_fit_steps(tr) if terms.has_steps else 0
-  e = np.zeros((q.shape[0], num_t))
-  if num_t:
-    e[np.arange(q.shape[0]), np.asarray(tr.steps)] = 1.0
-  a_out, b_out = np.zeros((m, n)), np.zeros((m, n))
-  rho_out, gamma_out = np.zeros((m, num_t)), np.zeros((m, num_t))
-  halves = {"linear": ("A", "B"), "additive": ("B",), "multiplicative": ("A",)}[kind]
-  shrink = np.eye(n) - (np.ones((n, n)) / n if terms.centred else 0.0)
-  for z in range(m):
-    rows = mask[:, z]
-    qz, x, y, ez = q[rows], prev[rows, z], target[rows, z], e[rows]
-    cols = [x[:, None] * qz if h == "A" else qz for h in halves]
-    pens = [np.sqrt(lam) * shrink for _ in halves]
-    xbar = np.zeros(num_t)
-    if terms.rho and terms.gamma:   # ρ on the step-centred loss, γ' = γ + ρ x̄_t penalised
-      count = ez.sum(0)
-      xbar = np.where(count > 0, ez.T @ x / np.maximum(count, 1), 0.0)
-    if terms.rho:
-      cols.append((x - ez @ xbar)[:, None] * ez)
-      pens.append(np.sqrt(terms.lam_step) * np.eye(num_t))
-    if terms.gamma:
-      cols.append(ez)
-      pens.append(np.sqrt(terms.lam_step) * np.eye(num_t))
-    design = np.concatenate(cols, axis=1)
-    rhs = y - x if kind == "additive" else y
-    penalty = np.zeros((design.shape[1], design.shape[1]))
-    o = 0
-    for pen in pens:
-      penalty[o:o + pen.shape[0], o:o + pen.shape[0]] = pen
-      o += pen.shape[0]
-    stacked = np.concatenate([design, penalty])
-    w = np.linalg.lstsq(stacked, np.concatenate([rhs, np.zeros(design.shape[1])]),
-                        rcond=None)[0]
-    o = 0
-    for h in halves:
-      (a_out if h == "A" else b_out)[z] = w[o:o + n]
-      o += n
-    if terms.rho:
-      rho_out[z] = w[o:o + num_t]
-      o += num_t
-    if terms.gamma:
-      gamma_out[z] = w[o:o + num_t] - rho_out[z] * xbar
-  if terms.is_paper:
-    return a_out, b_out
-  return Solution(a_out, b_out, rho_out, gamma_out)
-
-
-# ----------------------------------------------------------------------------- production
+from simfluence_jax.simulators.ridge_reference import solve_dense_reference
+from simfluence_jax.simulators.terms import KINDS, PAPER, Solution, Terms, num_fit_steps
+from simfluence_jax.simulators.terms import check_kind as _check_kind
 
 
 def _slot_data(batches: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,84 @@
+"""The dense float64 reference of the ridge problem (the tests' and benchmarks' oracle).
+
+Solved per test example with an explicit design matrix and numpy lstsq; see `ridge` for the
+objective and `terms` for what the extensions add.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from simfluence_jax.simulators.terms import PAPER, Solution, Terms, check_kind, num_fit_steps
+
+
+def _dense_q(batches: np.ndarray, n: int) -> np.ndarray:
+  b = np.asarray(batches)
+  q = np.zeros((b.shape[0], n))
+  for j in range(b.shape[1]):
+    ok = b[:, j] >= 0
+    np.add.at(q, (np.nonzero(ok)[0], b[ok, j]), 1.0)
+  return q
+
+
+def solve_dense_reference(tr, *, kind: str, lam: float, terms: Terms = PAPER):
+  """Eq. 13 (with `terms`) solved per test example with an explicit float64 design matrix.
+
+  For each z: rows s with mask 1, X = [x·Q, Q] (or Q / x·Q for the ablations), plus
+  [x·E, E] for the step terms (E the one-hot of each row's step), and
+  w = argmin ‖y − Xw‖² + ‖Γ w‖² via lstsq on the stacked system [X; Γ] (min-norm at λ = 0),
+  Γ = √λ I on A, B (√λ (I − J/n) per half when centred) and √λ_s I on ρ, γ — with both
+  step terms, on ρ_t and γ'_t = γ_t + ρ_t x̄_t (x̄_t the step's mean recorded L_{t-1}: the
+  model in the step-centred basis (x − x̄_t)·E, E, as the production solver solves it).
+  Returns float64 (A, B) [m, n] for the paper's terms, else a Solution (numpy float64).
+  """
+  check_kind(kind)
+  n = tr.num_train
+  q = _dense_q(np.asarray(tr.batches), n)
+  prev, target = np.asarray(tr.prev, np.float64), np.asarray(tr.target, np.float64)
+  mask = np.asarray(tr.mask) > 0
+  m = prev.shape[1]
+  num_t = num_fit_steps(tr) if terms.has_steps else 0
+  e = np.zeros((q.shape[0], num_t))
+  if num_t:
+    e[np.arange(q.shape[0]), np.asarray(tr.steps)] = 1.0
+  a_out, b_out = np.zeros((m, n)), np.zeros((m, n))
+  rho_out, gamma_out = np.zeros((m, num_t)), np.zeros((m, num_t))
+  halves = {"linear": ("A", "B"), "additive": ("B",), "multiplicative": ("A",)}[kind]
+  shrink = np.eye(n) - (np.ones((n, n)) / n if terms.centred else 0.0)
+  for z in range(m):
+    rows = mask[:, z]
+    qz, x, y, ez = q[rows], prev[rows, z], target[rows, z], e[rows]
+    cols = [x[:, None] * qz if h == "A" else qz for h in halves]
+    pens = [np.sqrt(lam) * shrink for _ in halves]
+    xbar = np.zeros(num_t)
+    if terms.rho and terms.gamma:   # ρ on the step-centred loss, γ' = γ + ρ x̄_t penalised
+      count = ez.sum(0)
+      xbar = np.where(count > 0, ez.T @ x / np.maximum(count, 1), 0.0)
+    if terms.rho:
+      cols.append((x - ez @ xbar)[:, None] * ez)
+      pens.append(np.sqrt(terms.lam_step) * np.eye(num_t))
+    if terms.gamma:
+      cols.append(ez)
+      pens.append(np.sqrt(terms.lam_step) * np.eye(num_t))
+    design = np.concatenate(cols, axis=1)
+    rhs = y - x if kind == "additive" else y
+    penalty = np.zeros((design.shape[1], design.shape[1]))
+    o = 0
+    for pen in pens:
+      penalty[o:o + pen.shape[0], o:o + pen.shape[0]] = pen
+      o += pen.shape[0]
+    stacked = np.concatenate([design, penalty])
+    w = np.linalg.lstsq(stacked, np.concatenate([rhs, np.zeros(design.shape[1])]),
+                        rcond=None)[0]
+    o = 0
+    for h in halves:
+      (a_out if h == "A" else b_out)[z] = w[o:o + n]
+      o += n
+    if terms.rho:
+      rho_out[z] = w[o:o + num_t]
+      o += num_t
+    if terms.gamma:
+      gamma_out[z] = w[o:o + num_t] - rho_out[z] * xbar
+  if terms.is_paper:
+    return a_out, b_out
+  return Solution(a_out, b_out, rho_out, gamma_out)
