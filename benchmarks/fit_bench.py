@@ -35,6 +35,7 @@ import numpy as np
 
 from simfluence_jax.simulators import design
 from simfluence_jax.simulators import ridge
+from simfluence_jax.simulators import ridge_reference
 
 SIZES = {
     "few-shot": dict(pool=100, subset=64, epochs=4.0, m=10_000),
@@ -80,11 +81,7 @@ def synthetic_runs(*, pool: int, subset: int, epochs: float, m: int, seed: int =
 
 def numpy_baseline(tr, cols, *, lam: float):
   """Per test example: dense X = [x·Q, Q] in float64, normal equations with numpy."""
-  q = np.zeros((tr.num_steps, tr.num_train))
-  for s, row in enumerate(np.asarray(tr.batches)):
-    for i in row:
-      if i >= 0:
-        q[s, i] += 1.0
+  q = ridge_reference.dense_q(tr.batches, tr.num_train)
   n = tr.num_train
   out = []
   for z in cols:
@@ -104,11 +101,7 @@ def numpy_baseline_step_terms(tr, cols, *, lam: float, lam_step: float):
   """
   steps = np.asarray(tr.steps)
   num_t = int(steps.max()) + 1
-  q = np.zeros((tr.num_steps, tr.num_train))
-  for s, row in enumerate(np.asarray(tr.batches)):
-    for i in row:
-      if i >= 0:
-        q[s, i] += 1.0
+  q = ridge_reference.dense_q(tr.batches, tr.num_train)
   e = np.zeros((tr.num_steps, num_t))
   e[np.arange(tr.num_steps), steps] = 1.0
   n = tr.num_train

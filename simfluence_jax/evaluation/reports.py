@@ -369,10 +369,11 @@ def _counterfactual_section(page, workspace, fits, cf_runs, colors, test_example
         {k: panels(v, run.test_ids) for k, v in sims.items()}, colors, titles),
         f"counterfactual_{idx}.png", f"{cf.get('name', run.run_id)}: "
         f"{cf.get('description', '')} (simulated from the run's own L_0)")
+    real_change = (float(np.nanmean(run.losses[-1]) - np.nanmean(base.losses[-1]))
+                   if base is not None else float("nan"))
     for f in fits:
-      real_change = sim_change = float("nan")
+      sim_change = float("nan")
       if base is not None:
-        real_change = float(np.nanmean(run.losses[-1]) - np.nanmean(base.losses[-1]))
         sim_change = float(np.mean(sims[f.label][-1]) - np.mean(base_sims[f.label][-1]))
       rows.append([str(cf.get("name", run.run_id)), f.label,
                    format_number(metrics.all_steps_mse(sims[f.label], run.losses)),
@@ -380,7 +381,6 @@ def _counterfactual_section(page, workspace, fits, cf_runs, colors, test_example
                    format_number(real_change), format_number(sim_change)])
     if base is not None and fit_runs:
       for name, preds in baselines.predictions(fit_runs, [run, base]).items():
-        real_change = float(np.nanmean(run.losses[-1]) - np.nanmean(base.losses[-1]))
         sim_change = float(np.mean(preds[run.run_id][-1]) - np.mean(preds[base.run_id][-1]))
         rows.append([str(cf.get("name", run.run_id)), baselines.LABELS[name],
                      format_number(metrics.all_steps_mse(preds[run.run_id], run.losses)),

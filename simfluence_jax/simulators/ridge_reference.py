@@ -11,12 +11,13 @@ import numpy as np
 from simfluence_jax.simulators.terms import PAPER, Solution, Terms, check_kind, num_fit_steps
 
 
-def _dense_q(batches: np.ndarray, n: int) -> np.ndarray:
-  b = np.asarray(batches)
-  q = np.zeros((b.shape[0], n))
-  for j in range(b.shape[1]):
-    ok = b[:, j] >= 0
-    np.add.at(q, (np.nonzero(ok)[0], b[ok, j]), 1.0)
+def dense_q(batches, n: int) -> np.ndarray:
+  """float64 [S, n] batch matrix Q (positions, -1 pads); an id twice in a batch counts 2,
+  as in the rollout. The dense references (here, uncertainty, benchmarks) build X from it."""
+  batches = np.asarray(batches)
+  q = np.zeros((batches.shape[0], n))
+  rows, cols = np.nonzero(batches >= 0)
+  np.add.at(q, (rows, batches[rows, cols]), 1.0)
   return q
 
 
@@ -33,7 +34,7 @@ def solve_dense_reference(tr, *, kind: str, lam: float, terms: Terms = PAPER):
   """
   check_kind(kind)
   n = tr.num_train
-  q = _dense_q(np.asarray(tr.batches), n)
+  q = dense_q(tr.batches, n)
   prev, target = np.asarray(tr.prev, np.float64), np.asarray(tr.target, np.float64)
   mask = np.asarray(tr.mask) > 0
   m = prev.shape[1]

@@ -241,6 +241,10 @@ def fit(fit_runs: Sequence[RunTrace], *, simulator: str, lam: float | None = Non
     raise ValueError(f"lam_grid must be non-empty and non-negative, got {lam_grid}")
   step_lams = ([float(lam_step)] if lam_step is not None
                else sorted(float(x) for x in lam_step_grid))
+  if (not val_runs and len(step_lams) != 1
+      and any(VARIANTS[v].has_steps for v in variants)):
+    raise ValueError("a variant with step terms needs lam_step, a one-value lam_step_grid, "
+                     "or validation runs to choose λ_s from lam_step_grid")
   t_start = time.perf_counter()
   train_ids = union_ids([r.train_ids for r in fit_runs])
   test_ids = ordered_test_ids(fit_runs)
@@ -270,17 +274,11 @@ def fit(fit_runs: Sequence[RunTrace], *, simulator: str, lam: float | None = Non
                      for lam_value, sol in zip(lams, path)]
   t_solved = time.perf_counter()
   val_scores: dict[str, float] = {}
+  best = 0
   if val_runs:
-    scores = [_validation_mse(c[2], val_runs) for c in candidates]
-    for (name, terms, params), score in zip(candidates, scores):
-      val_scores[candidate_key(name, params.lam, terms)] = score
-    finite = [i for i, sc in enumerate(scores) if np.isfinite(sc)]
-    if not finite:
-      raise ValueError(f"every candidate ({len(candidates)}: variants {variants}, λ in "
-                       f"{lams}) gave a non-finite validation MSE")
-    best = min(finite, key=lambda i: scores[i])
-  else:
-    best = 0
+    keys = [candidate_key(name, c.lam, terms) for name, terms, c in candidates]
+    chosen, val_scores = select_by_validation([c for _, _, c in candidates], val_runs, keys)
+    best = next(i for i, c in enumerate(candidates) if c[2] is chosen)
   name, terms, params = candidates[best]
   t_done = time.perf_counter()
 
@@ -346,23 +344,22 @@ def _edge(value: float, grid: Sequence[float]) -> str | None:
   return None
 
 
-def select_by_validation(candidates: Sequence[FitParams], val_runs: Sequence[RunTrace]
+def select_by_validation(candidates: Sequence[FitParams], val_runs: Sequence[RunTrace],
+                         keys: Sequence[str] | None = None
                          ) -> tuple[FitParams, dict[str, float]]:
-  """The candidate (one per λ) with the lowest mean all-steps MSE of rollouts on `val_runs`.
+  """The candidate with the lowest mean all-steps MSE of rollouts on `val_runs`.
 
-  Returns (best, {repr(λ): validation MSE}); non-finite scores never win.
+  keys: one name per candidate for the returned scores (default repr(λ): one candidate per
+  λ). Returns (best, {key: validation MSE}); non-finite scores never win, and the first of
+  equal scores wins.
   """
-  scores: dict[str, float] = {}
-  best = None
-  for candidate in candidates:
-    score = _validation_mse(candidate, val_runs)
-    scores[repr(candidate.lam)] = score
-    if np.isfinite(score) and (best is None or score < best[0]):
-      best = (score, candidate)
-  if best is None:
-    raise ValueError(f"every λ in {[c.lam for c in candidates]} gave a non-finite "
+  keys = [repr(c.lam) for c in candidates] if keys is None else list(keys)
+  scores = {key: _validation_mse(c, val_runs) for key, c in zip(keys, candidates)}
+  finite = [i for i, key in enumerate(keys) if np.isfinite(scores[key])]
+  if not finite:
+    raise ValueError(f"every candidate ({len(candidates)}: {keys}) gave a non-finite "
                      "validation MSE")
-  return best[1], scores
+  return candidates[min(finite, key=lambda i: scores[keys[i]])], scores
 
 
 def _identifiability_by_id(tr, train_ids: np.ndarray, test_ids: np.ndarray) -> dict:

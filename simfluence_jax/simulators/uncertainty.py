@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import linalg as sp_linalg
 
+from simfluence_jax.simulators import ridge_reference
 from simfluence_jax.simulators import rollout as rollout_lib
 
 
@@ -72,15 +73,6 @@ class Posterior:
     return self.sigma2[z] * p_inv
 
 
-def _dense_q(batches: np.ndarray, n: int) -> np.ndarray:
-  """float64 [S, n] batch matrix; an id twice in a batch counts 2 (as in the rollout)."""
-  batches = np.asarray(batches)
-  q = np.zeros((batches.shape[0], n))
-  rows, cols = np.nonzero(batches >= 0)
-  np.add.at(q, (rows, batches[rows, cols]), 1.0)
-  return q
-
-
 def posterior(tr, *, lam: float) -> Posterior:
   """The Gaussian posterior of every test example's [A_z; B_z] (module docstring).
 
@@ -92,7 +84,7 @@ def posterior(tr, *, lam: float) -> Posterior:
   if not lam > 0:
     raise ValueError(f"posterior needs lam > 0 (a proper Gaussian prior), got {lam}")
   n = int(tr.num_train)
-  q = _dense_q(tr.batches, n)
+  q = ridge_reference.dense_q(tr.batches, n)
   prev, target = np.asarray(tr.prev, np.float64), np.asarray(tr.target, np.float64)
   mask = np.asarray(tr.mask) > 0
   m = prev.shape[1]

@@ -150,6 +150,18 @@ def test_fit_picks_step_terms_on_planted_step_dynamics_and_the_paper_on_paper_da
   assert np.abs(pred - runs[13].losses).max() < 0.05
 
 
+def test_step_terms_without_validation_runs_need_one_lam_step():
+  # Nothing could choose λ_s: an error naming what to give, not a silent grid corner.
+  _, runs = _planted(3, seed=6)
+  with pytest.raises(ValueError, match="needs lam_step"):
+    simulators.fit(runs, simulator="linear_rho_gamma", lam=0.1)
+  params, diag = simulators.fit(runs, simulator="linear_rho_gamma", lam=0.1, lam_step=0.5)
+  assert diag["terms"]["lam_step"] == 0.5 and params.num_step_terms == 12
+  # a bare kind without validation runs is the paper's model, which needs no λ_s
+  params, diag = simulators.fit(runs, simulator="linear", lam=0.1)
+  assert diag["variant"] == "paper" and params.num_step_terms == 0
+
+
 def test_centred_shrinkage_tends_to_one_shared_dynamic_not_to_zero():
   # λ → ∞: centred A_i, B_i all tend to the best shared (ā, b̄) — the two-parameter
   # regression y ≈ k ā x + k b̄ (full batches of k) — while plain ridge tends to 0.
