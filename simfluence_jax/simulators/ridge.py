@@ -42,10 +42,15 @@ solvers — batched preconditioned conjugate gradients (PCG) over test examples 
     [[Σ μx²q², Σ μxq²], [Σ μxq², Σ μq²]] + λI of the paper's H — exact when the batch size is
     1 (Eq. 4 decouples per example). The preconditioned spectrum is then Marchenko-Pastur-
     like, ≈ [(1 − √(2n/S))², (1 + √(2n/S))²], plus two outliers ≈ k (the common modes).
-  * Coarse start: V = [1_A, 1_B] (see `_System`): CG starts from the best fit with all
-    A_i equal and all B_i equal (a 2 × 2 solve per lane; with step terms H V costs two
-    matvecs). With centring those common modes carry no penalty, so CG starts from 0.
-  * Speed (benchmarks/fit_bench.py): ~10 iterations few-shot for the paper's problem, ~40
+  * Coarse space V = [1_A, 1_B] (see `_System`): CG starts from the best fit with all
+    A_i equal and all B_i equal (a 2 × 2 solve per lane), and every iteration is deflated
+    (each preconditioned residual z is corrected to z − V E⁻¹ ((H V)ᵀ z − Vᵀ r), E = Vᵀ H V,
+    the robust "A-DEF2" form: Tang, Nabben, Vuik & Erlangga 2009), so the search stays
+    H-orthogonal to V. With step terms V is a near-null space of the Schur complement (ρ_t
+    and γ_t absorb the common modes, H' V ≈ λ V); without deflation its component comes
+    back through the preconditioner and CG stalls on it for ~15 iterations. With centring
+    those modes carry no penalty, so CG starts from 0 and is not deflated.
+  * Speed (benchmarks/fit_bench.py): ~10 iterations few-shot for the paper's problem, ~20
     with step terms (per-step sums are a reshape-and-sum when runs have equal length).
   * Stopping: each lane stops updating (α_cg = 0) once ‖r‖ ≤ tol·‖rhs‖ for its own residual,
     so a lane's result does not depend on which other lanes share its chunk or window.
@@ -70,6 +75,7 @@ from jax import lax
 import numpy as np
 
 from simfluence_jax.simulators.ridge_reference import solve_dense_reference
+from simfluence_jax.simulators.step_elimination import StepElimination, inv1, inv2
 from simfluence_jax.simulators.terms import KINDS, PAPER, Solution, Terms, num_fit_steps
 from simfluence_jax.simulators.terms import check_kind as _check_kind
 
@@ -111,99 +117,12 @@ class _Ops:
     return out.at[self.n].set(0)
 
 
-def _inv2(daa, dab, dbb):
-  """Guarded inverse of symmetric PSD 2×2 blocks [[daa, dab], [dab, dbb]] (elementwise).
-
-  A singular (rank ≤ 1) block — e.g. λ = 0 and a train example seen once — gets its
-  pseudo-inverse M / tr(M)²; an all-zero block gets 0.
-  """
-  det = daa * dbb - dab * dab
-  tr = daa + dbb
-  regular = det > (jnp.finfo(daa.dtype).eps * 16) * tr * tr
-  safe_det = jnp.where(regular, det, 1.0)
-  safe_tr2 = jnp.where(tr > 0, tr * tr, 1.0)
-  iaa = jnp.where(regular, dbb / safe_det, daa / safe_tr2)
-  ibb = jnp.where(regular, daa / safe_det, dbb / safe_tr2)
-  iab = jnp.where(regular, -dab / safe_det, dab / safe_tr2)
-  return iaa, iab, ibb
-
-
-def _inv1(d):
-  return jnp.where(d > 0, 1.0 / jnp.where(d > 0, d, 1.0), 0.0)
-
-
-class _Steps:
-  """Exact elimination of the run-shared step terms for one chunk.
-
-  steps int32 [S] (each row's step, 0..T-1). With both terms the basis is centred per step,
-  u_s = (x_s − x̄_t, 1) with x̄_t = Σ_{s∈t} μ_s x_s / Σ_{s∈t} μ_s (θ' = (ρ_t, γ'_t),
-  γ_t = γ'_t − ρ_t x̄_t): the same column space, so the same projection, but M_t is then
-  nearly diagonal instead of nearly singular (x varies little across runs at one step),
-  which keeps float32 accurate. Per step and lane M_t = Σ_{s∈t} μ_s u_s u_sᵀ + λ_s I (kept as
-  its guarded inverse); `project(v)` = v − U θ(v), θ(v)_t = M_t⁻¹ Σ_{s∈t} μ_s u_s v_s.
-  """
-
-  def __init__(self, steps, num_steps, x, mu, terms, lam_step, equal_runs):
-    self.steps, self.t, self.terms = steps, num_steps, terms
-    self.mu = mu
-    if equal_runs:
-      # Every run has T steps and rows are run-major (design.build_transitions), so the
-      # per-step sums are a dense reduction over the runs axis and θ[steps] a broadcast —
-      # no scatter / gather.
-      runs = x.shape[0] // num_steps
-      seg = lambda v: v.reshape(runs, num_steps, -1).sum(0)                   # [S,L]->[T,L]
-      self.spread = lambda th: jnp.broadcast_to(
-          th[None], (runs,) + th.shape).reshape(runs * num_steps, -1)        # [T,L]->[S,L]
-    else:
-      seg = lambda v: jax.ops.segment_sum(v, steps, num_segments=num_steps)   # [S,L]->[T,L]
-      self.spread = lambda th: th[steps]
-    self.seg = seg
-    lam = jnp.asarray(lam_step, x.dtype)
-    if terms.rho and terms.gamma:
-      count = seg(mu)
-      self.xbar = seg(mu * x) / jnp.where(count > 0, count, 1.0)           # [T, L]
-      self.x = xc = jnp.where(mu > 0, x - self.spread(self.xbar), 0.0)
-      self.inv = _inv2(seg(mu * xc * xc) + lam, seg(mu * xc), count + lam)
-    else:
-      self.x = x
-      self.inv = (_inv1(seg(mu * x * x if terms.rho else mu) + lam),)
-
-  def theta(self, v):
-    """θ(v): tuple of [T, L] (ρ then γ', the fitted ones) for a [S, L] array v."""
-    mv = self.mu * v
-    if self.terms.rho and self.terms.gamma:
-      cx, c1 = self.seg(mv * self.x), self.seg(mv)
-      iaa, iab, ibb = self.inv
-      return (iaa * cx + iab * c1, iab * cx + ibb * c1)
-    c = self.seg(mv * self.x if self.terms.rho else mv)
-    return (self.inv[0] * c,)
-
-  def fitted(self, theta):
-    """U θ: [S, L]."""
-    out, i = 0.0, 0
-    if self.terms.rho:
-      out = out + self.x * self.spread(theta[0])
-      i = 1
-    if self.terms.gamma:
-      out = out + self.spread(theta[i])
-    return out
-
-  def project(self, v):
-    return v - self.fitted(self.theta(v))
-
-  def uncentre(self, theta):
-    """(ρ, γ) in the model's own basis (γ_t = γ'_t − ρ_t x̄_t with both terms)."""
-    if self.terms.rho and self.terms.gamma:
-      return (theta[0], theta[1] - theta[0] * self.xbar)
-    return theta
-
-
 class _System:
   """One chunk's normal equations H w = rhs, matrix-free (W, rhs: [n+1, P·L]).
 
   P = 2 for "linear" (A lanes, then B lanes), else 1. x, y, μ are [S, L]; ks [S, 1] is the
   batch size Σ_i Q[s, i] of each step. With step terms H is the Schur complement after
-  eliminating θ (`_Steps`); with centring the penalty is λ (I − J/n).
+  eliminating θ (`step_elimination.StepElimination`); with centring the penalty is λ (I − J/n).
 
   Coarse space (all but centred): V = [1_A, 1_B] restricted to the train examples a lane
   observes (every A_i equal, every B_i equal). Since Q V = k_s on recorded steps, H V needs
@@ -225,7 +144,7 @@ class _System:
     self.coarse_start = not terms.centred
     self.exact_hv = terms.has_steps   # H V by two matvecs: the scatter shortcut is for Eq. 2
     self.target = y - x if kind == "additive" else y       # what X w (+ U θ) fits
-    self.st = (_Steps(steps, num_steps, x, mu, terms, lam_step, equal_runs)
+    self.st = (StepElimination(steps, num_steps, x, mu, terms, lam_step, equal_runs)
                if terms.has_steps else None)
     ty = self.st.project(self.target) if self.st is not None else self.target
     mx = mu * x
@@ -257,7 +176,11 @@ class _System:
     if not self.coarse_start:
       return
     if self.exact_hv:
-      self.hv0 = tuple(self.apply(v, 0.0) for v in self.v)
+      # On every recorded step the lane observes all k_s examples of the batch, so
+      # Q 1_seen = k_s there: X V is (k x, k) without the gathers (other rows are masked).
+      xv = (self.x * ks, jnp.broadcast_to(ks, x.shape)) if kind == "linear" else (
+          (jnp.broadcast_to(ks, x.shape),) if kind == "additive" else (self.x * ks,))
+      self.hv0 = tuple(self.apply(v, 0.0, xw) for v, xw in zip(self.v, xv))
       return
     hv = (tuple(side[:, p + j * l:p + (j + 1) * l] for j in range(nd)) if not uniform
           else tuple(ks[0, 0] * d for d in self.diag))
@@ -274,10 +197,21 @@ class _System:
     hv = tuple(h + lam * v for h, v in zip(self.hv0, self.v))
     e = [[_lane_sum(hi * vj, self.parts) for vj in self.v] for hi in hv]
     if self.parts == 1:
-      inv = _inv1(e[0][0])
+      inv = inv1(e[0][0])
       return hv, lambda c: (inv * c[0],)
-    iaa, iab, ibb = _inv2(e[0][0], e[0][1], e[1][1])
+    iaa, iab, ibb = inv2(e[0][0], e[0][1], e[1][1])
     return hv, lambda c: (iaa * c[0] + iab * c[1], iab * c[0] + ibb * c[1])
+
+  def deflation(self, lam):
+    """(z, r) ↦ z − V E⁻¹ ((H V)ᵀ z − Vᵀ r) for `_pcg` (identity without a coarse space)."""
+    if not self.coarse_start:
+      return lambda z, r: z
+    hv, solve_e = self.coarse(lam)
+
+    def apply(z, r):
+      return z - self.expand(solve_e(tuple(_lane_sum(h * z - v * r, self.parts)
+                                           for h, v in zip(hv, self.v))))
+    return apply
 
   def expand(self, coef):
     """V · coef: [n+1, P·L] from per-lane coefficients."""
@@ -324,8 +258,9 @@ class _System:
     mean = jnp.sum(w[:self.n], axis=0, keepdims=True) / self.n
     return (w - mean).at[self.n].set(0)
 
-  def apply(self, w, lam):
-    v = self.predict(w)
+  def apply(self, w, lam, xw=None):
+    """(H + λ penalty) w; xw = X w when already known (the coarse vectors: Q V = k_s)."""
+    v = self.predict(w) if xw is None else xw
     if self.st is not None:
       v = self.st.project(v)
     ub = self.mu * v                                    # D (I − P) X w, every step and lane
@@ -346,9 +281,9 @@ class _System:
     H + λI (an approximation of H' with step terms or centring: the exact blocks of the
     Schur complement were tried and cost more to form than the iterations they saved)."""
     if self.parts == 1:
-      inv = _inv1(self.diag[0] + lam)
+      inv = inv1(self.diag[0] + lam)
       return lambda r: inv * r
-    iaa, iab, ibb = _inv2(self.diag[0] + lam, self.diag[1], self.diag[2] + lam)
+    iaa, iab, ibb = inv2(self.diag[0] + lam, self.diag[1], self.diag[2] + lam)
     l = self.lanes
 
     def apply(r):
@@ -361,11 +296,15 @@ def _lane_sum(v, parts):
   return jnp.sum(v, axis=0).reshape(parts, -1).sum(axis=0)
 
 
-def _pcg(apply_h, precond, rhs, w, r, lam, tol, max_iters, parts):
-  """Batched PCG from (w, r = rhs − H w); lane l stops (step 0) once ‖r_l‖ ≤ tol·‖rhs_l‖."""
+def _pcg(apply_h, precond, rhs, w, r, lam, tol, max_iters, parts, deflate=lambda z, r: z):
+  """Batched PCG from (w, r = rhs − H w); lane l stops (step 0) once ‖r_l‖ ≤ tol·‖rhs_l‖.
+
+  deflate(z, r) ↦ z − V E⁻¹ ((H V)ᵀ z − Vᵀ r) keeps every search direction H-orthogonal to
+  the coarse space V (deflated PCG, A-DEF2 form: the Vᵀ r term undoes rounding drift; in
+  exact arithmetic Vᵀ r = 0 throughout, from `start` / `warm`)."""
   rep = lambda a: jnp.tile(a, parts)[None, :]
   thresh = (tol * tol) * _lane_sum(rhs * rhs, parts)
-  zv = precond(r)
+  zv = deflate(precond(r), r)
   rz = _lane_sum(r * zv, parts)
 
   def cond(state):
@@ -379,7 +318,7 @@ def _pcg(apply_h, precond, rhs, w, r, lam, tol, max_iters, parts):
     alpha = jnp.where(ok, rz / jnp.where(ok, php, 1.0), 0.0)
     w = w + rep(alpha) * p
     r = r - rep(alpha) * hp
-    zv = precond(r)
+    zv = deflate(precond(r), r)
     rz_new = _lane_sum(r * zv, parts)
     beta = jnp.where(ok & (rz > 0), rz_new / jnp.where(rz > 0, rz, 1.0), 0.0)
     p = zv + rep(beta) * p
@@ -420,7 +359,7 @@ def _solve_path_jit(cols, mult, ks, steps, prev, target, mask, lams, lam_step, t
 
     def pcg(w, r, lam):
       return _pcg(sys_.apply, sys_.preconditioner(lam), sys_.rhs, w, r, lam, tol,
-                  max_iters, parts)
+                  max_iters, parts, sys_.deflation(lam))
 
     def thetas(w):
       if not num_theta:
@@ -464,12 +403,15 @@ def _on_device(a, dtype) -> jax.Array:
 
 
 def _default_chunk(m: int, s: int, itemsize: int) -> int:
-  # Cache-sized chunks: the [S, 2·chunk] gather/scatter operands are kept near 2 MiB.
-  # Measured on a 2-core AMD EPYC (1 MiB L2 per core), float32, quiet machine:
-  #   S = 1,280 (few-shot, m = 10,000): chunk 16/64/128/256 -> 0.32/0.27/0.22/0.40 s
-  #   S = 7,680 (many-shot, m = 1,000): chunk 32/128 -> 0.33/0.55 s
-  # i.e. 128 and 32 lanes, which this rule picks (power of two, 8..256). float64 halves it.
-  lanes = max(1, (2 << 20) // max(1, s * 2 * itemsize))
+  # Cache-sized chunks: the [S, 2·chunk] gather/scatter operands are kept near 1 MiB.
+  # Measured (benchmarks/fit_bench.py --chunk_size, median of 5, float32, quiet machine) on
+  # a 2-core Intel Xeon (2 MiB L2 per core):
+  #   S = 1,280 (few-shot, m = 10,000): chunk 64/128 -> 0.23–0.26/0.29–0.31 s (paper's
+  #     terms), 0.56–0.60/0.69–0.71 s (ρ, γ)
+  #   S = 7,680 (many-shot, m = 1,000): chunk 16/32 -> 0.46–0.48/0.45–0.47 s (a tie)
+  # (an earlier 2-core AMD EPYC with 1 MiB L2 favoured 2 MiB operands: 128 few-shot).
+  # Power of two, 8..256; float64 halves it.
+  lanes = max(1, (1 << 20) // max(1, s * 2 * itemsize))
   chunk = 1 << (lanes.bit_length() - 1)
   return max(1, min(m, 256, max(8, chunk)))
 
