@@ -25,8 +25,9 @@ _SIMULATOR = flags.DEFINE_enum(
     "simulator", "linear",
     list(simulators.SIMULATORS) + list(baselines.SIMULATORS) + ["featurized"],
     "Which simulator to fit. linear / additive / multiplicative: the variant (paper, "
-    "centred, gamma, rho_gamma: simulators/simfluence.py VARIANTS) that validates best on "
-    "--val_runs; <kind>_<variant> fixes one, e.g. linear_paper is the paper's Eq. 2 exactly; "
+    "centred, gamma, rho_gamma, lowrank: simulators/simfluence.py VARIANTS) that validates "
+    "best on --val_runs (lowrank only when λ is not fixed by --lam or a one-value grid); "
+    "<kind>_<variant> fixes one, e.g. linear_paper is the paper's Eq. 2 exactly; "
     "tracin_ideal = additive_paper (paper §4.1). "
     f"{', '.join(baselines.SIMULATORS)} are the gradient baselines (prior_methods/), which "
     "read the fit runs' checkpoints.")

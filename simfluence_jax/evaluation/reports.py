@@ -62,11 +62,11 @@ LABELS = {
     "featurized": "Featurized Simfluence (rank 4)",
 }
 for _kind in ("linear", "additive", "multiplicative"):
-  for _variant in ("centred", "gamma", "rho_gamma"):
+  for _variant in ("centred", "gamma", "rho_gamma", "lowrank"):
     LABELS.setdefault(f"{_kind}_{_variant}",
                       f"Simfluence-{_kind.capitalize()} ({_variant.replace('_', '+')})")
 VARIANT_LABELS = {"paper": "paper", "centred": "centred", "gamma": "+γ_t",
-                  "rho_gamma": "+ρ_t, γ_t"}
+                  "rho_gamma": "+ρ_t, γ_t", "lowrank": "+ρ_t, γ_t, rank-1 prior"}
 GROUND_TRUTH_FLAG = "uses ground-truth rescaling"
 NUM_EXAMPLES = 6
 TOP_K = 3
@@ -241,8 +241,10 @@ def _results_table(page: _Page, fits: list[Fit]):
   for f in fits:
     timing = (f.diagnostics.get("timings_s") or {}).get("total")
     label = f.label + (f" [{GROUND_TRUTH_FLAG}]" if f.rescaled else "")
-    cells.append((label, _variant(f), format_number(f.metrics.get("lam", f.params.lam)),
-                  f.metrics, format_number(timing)))
+    lam = format_number(f.metrics.get("lam", f.params.lam))
+    if f.diagnostics.get("lam_b") is not None and f.params.kind == "linear":
+      lam = f"λ_A {lam}, λ_B {format_number(f.diagnostics['lam_b'])}"
+    cells.append((label, _variant(f), lam, f.metrics, format_number(timing)))
   for name, m in (base or {}).items():
     cells.append((baselines.LABELS.get(name, name), "no curriculum", "–", m, "–"))
   cols = [("mse", min), ("curriculum_r2", max), ("spearman", max), ("across_run", max)]

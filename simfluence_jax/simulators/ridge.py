@@ -180,7 +180,7 @@ class _System:
       # Q 1_seen = k_s there: X V is (k x, k) without the gathers (other rows are masked).
       xv = (self.x * ks, jnp.broadcast_to(ks, x.shape)) if kind == "linear" else (
           (jnp.broadcast_to(ks, x.shape),) if kind == "additive" else (self.x * ks,))
-      self.hv0 = tuple(self.apply(v, 0.0, xw) for v, xw in zip(self.v, xv))
+      self.hv0 = tuple(self.apply(v, jnp.zeros(2, x.dtype), xw) for v, xw in zip(self.v, xv))
       return
     hv = (tuple(side[:, p + j * l:p + (j + 1) * l] for j in range(nd)) if not uniform
           else tuple(ks[0, 0] * d for d in self.diag))
@@ -192,9 +192,16 @@ class _System:
     else:
       self.hv0 = (hv[0],)
 
+  def lam_row(self, lam):
+    """λ = (λ_A, λ_B) [2] as a factor of [n+1, P·L] arrays: λ_A on the A lanes, λ_B on the
+    B lanes (additive fits B alone, multiplicative A alone)."""
+    if self.kind == "linear":
+      return jnp.repeat(lam, self.lanes)[None, :]
+    return lam[1] if self.kind == "additive" else lam[0]
+
   def coarse(self, lam):
     """(H V, apply E⁻¹ to per-lane coefficient tuples) for this λ."""
-    hv = tuple(h + lam * v for h, v in zip(self.hv0, self.v))
+    hv = tuple(h + self.lam_row(lam) * v for h, v in zip(self.hv0, self.v))
     e = [[_lane_sum(hi * vj, self.parts) for vj in self.v] for hi in hv]
     if self.parts == 1:
       inv = inv1(e[0][0])
@@ -270,7 +277,7 @@ class _System:
       out = self.ops.qt(ub)
     else:
       out = self.ops.qt(self.x * ub)
-    return out + lam * self.penalty(w)
+    return out + self.lam_row(lam) * self.penalty(w)
 
   def step_terms(self, w):
     """θ at the solution: tuple of [T, L] (the fitted ones of ρ, γ)."""
@@ -281,9 +288,9 @@ class _System:
     H + λI (an approximation of H' with step terms or centring: the exact blocks of the
     Schur complement were tried and cost more to form than the iterations they saved)."""
     if self.parts == 1:
-      inv = inv1(self.diag[0] + lam)
+      inv = inv1(self.diag[0] + self.lam_row(lam))
       return lambda r: inv * r
-    iaa, iab, ibb = inv2(self.diag[0] + lam, self.diag[1], self.diag[2] + lam)
+    iaa, iab, ibb = inv2(self.diag[0] + lam[0], self.diag[1], self.diag[2] + lam[1])
     l = self.lanes
 
     def apply(r):
@@ -385,6 +392,24 @@ def _solve_path_jit(cols, mult, ks, steps, prev, target, mask, lams, lam_step, t
   return lax.fori_loop(0, -(-m // chunk), one_chunk, out)
 
 
+@functools.partial(jax.jit, static_argnames=("kind",))
+def _prior_fit_jit(batches, prev, a0, b0, *, kind):
+  # [S, k] positions (-1 pads) -> X w̄ [S, m] = x·Σ_j Ā[:, b_sj] + Σ_j B̄[:, b_sj].
+  valid = (batches >= 0)[..., None]
+  pos = jnp.maximum(batches, 0)
+  qa = jnp.where(valid, a0.T[pos], 0).sum(1) if kind != "additive" else 0.0
+  qb = jnp.where(valid, b0.T[pos], 0).sum(1) if kind != "multiplicative" else 0.0
+  return prev * qa + qb
+
+
+def _prior_fit(batches, prev, prior, kind):
+  """X w̄: the prior means' fitted one-step values [S, m], in column blocks of ≤ 1,024."""
+  out = [_prior_fit_jit(jnp.asarray(batches), prev[:, c:c + 1024], prior[0][c:c + 1024],
+                        prior[1][c:c + 1024], kind=kind)
+         for c in range(0, prev.shape[1], 1024)]
+  return jnp.concatenate(out, axis=1) if len(out) > 1 else out[0]
+
+
 def _on_device(a, dtype) -> jax.Array:
   """[S, m] data as a device array without the slow unaligned host copy.
 
@@ -420,20 +445,26 @@ def _default_threads(m: int, chunk: int) -> int:
   return max(1, min(os.cpu_count() or 1, 4, -(-m // chunk)))
 
 
-def solve_path_with_terms(tr, *, kind: str, lams: Sequence[float], terms: Terms = PAPER,
+def solve_path_with_terms(tr, *, kind: str, lams: Sequence, terms: Terms = PAPER,
                           chunk_size: int | None = None, tol: float | None = None,
-                          max_iters: int | None = None,
-                          num_threads: int | None = None) -> list[Solution]:
+                          max_iters: int | None = None, num_threads: int | None = None,
+                          prior: tuple | None = None) -> list[Solution]:
   """Solves Eq. 2 with `terms` for every λ in `lams`; returns [Solution] in their order.
 
+  lams: each a λ ≥ 0 (on A and B alike) or a pair (λ_A, λ_B) — the penalty
+    λ_A ‖A − Ā‖² + λ_B ‖B − B̄‖² (additive uses λ_B, multiplicative λ_A).
+  prior: (Ā, B̄) [m, n], the means A and B are shrunk toward (default 0). Solved as the
+    same problem in δ = w − w̄ with the target y − X w̄ (X w̄ = x·QĀ + QB̄ per row and test
+    example), then w = w̄ + δ; with centring the penalty is on (I − J/n)(w − w̄).
   λs are solved from largest to smallest inside each chunk, each PCG warm-started from the
   previous solution while the chunk's data is still in cache — cheaper than len(lams)
   independent solves. Other arguments are as for `solve`. Step terms need `tr.steps`.
   """
   _check_kind(kind)
-  lams = [float(v) for v in lams]
-  if not lams or min(lams) < 0:
-    raise ValueError(f"lams must be non-empty and non-negative, got {lams}")
+  pairs = [(float(v[0]), float(v[1])) if np.ndim(v) else (float(v), float(v)) for v in lams]
+  if not pairs or min(min(p) for p in pairs) < 0:
+    raise ValueError(f"lams must be non-empty and non-negative, got {list(lams)}")
+  lams = pairs
   if terms.has_steps and not terms.lam_step > 0:
     raise ValueError(f"step terms need lam_step > 0 (the first step's losses are shared by "
                      f"every run, so ρ_1 and γ_1 are not separable); got {terms.lam_step}")
@@ -441,6 +472,12 @@ def solve_path_with_terms(tr, *, kind: str, lams: Sequence[float], terms: Terms 
   prev, target, mask = (_on_device(a, dtype) for a in (tr.prev, tr.target, tr.mask))
   s, m = prev.shape
   n = int(tr.num_train)
+  if prior is not None:
+    prior = tuple(jnp.asarray(np.asarray(p), dtype) for p in prior)
+    if any(p.shape != (m, n) for p in prior):
+      raise ValueError(f"prior (Ā, B̄) must be two [m={m}, n={n}] arrays, got "
+                       f"{[tuple(p.shape) for p in prior]}")
+    target = target - _prior_fit(np.asarray(tr.batches), prev, prior, kind)
   num_steps = num_fit_steps(tr) if terms.has_steps else 0
   num_theta = int(terms.rho) + int(terms.gamma)
   if m == 0 or s == 0 or n == 0:
@@ -460,7 +497,7 @@ def solve_path_with_terms(tr, *, kind: str, lams: Sequence[float], terms: Terms 
   cols = tuple(jnp.asarray(np.ascontiguousarray(idx.reshape(s, k)[:, j])) for j in range(k))
   steps = (jnp.asarray(np.asarray(tr.steps, np.int32)) if terms.has_steps
            else jnp.zeros((s,), jnp.int32))
-  order = sorted(range(len(lams)), key=lambda i: -lams[i])
+  order = sorted(range(len(lams)), key=lambda i: (-lams[i][0], -lams[i][1]))
   # Column windows of equal width (the last one overlaps; overlapping lanes give identical
   # results), solved concurrently: XLA:CPU runs one such loop on one core, and jax
   # releases the GIL while it runs.
@@ -474,7 +511,7 @@ def solve_path_with_terms(tr, *, kind: str, lams: Sequence[float], terms: Terms 
       kind=kind, num_train=n, chunk=chunk, width=width, max_iters=int(max_iters),
       has_dups=bool((mult > 1).any()),
       uniform=bool((mult <= 1).all() and (ks == ks.flat[0]).all()) if s else False,
-      terms=dataclasses.replace(terms, lam_step=0.0), num_steps=num_steps,
+      terms=dataclasses.replace(terms, lam_step=0.0, prior_rank=0), num_steps=num_steps,
       equal_runs=bool(terms.has_steps and s % max(num_steps, 1) == 0 and np.array_equal(
           np.asarray(tr.steps), np.tile(np.arange(num_steps), s // max(num_steps, 1)))))
   if len(starts) == 1:
@@ -499,6 +536,9 @@ def solve_path_with_terms(tr, *, kind: str, lams: Sequence[float], terms: Terms 
   zeros_t = jnp.zeros((len(lams), m, num_steps), dtype)
   a, b = {"linear": (w[:, 0], w[:, -1]), "additive": (zeros, w[:, 0]),
           "multiplicative": (w[:, 0], zeros)}[kind]
+  if prior is not None:   # w = w̄ + δ on the fitted halves
+    a = a + prior[0][None] if kind != "additive" else a
+    b = b + prior[1][None] if kind != "multiplicative" else b
   rho = theta[:, 0] if terms.rho else zeros_t
   gamma = theta[:, num_theta - 1] if terms.gamma else zeros_t
   result: list = [None] * len(lams)

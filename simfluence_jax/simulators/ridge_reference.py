@@ -21,7 +21,7 @@ def dense_q(batches, n: int) -> np.ndarray:
   return q
 
 
-def solve_dense_reference(tr, *, kind: str, lam: float, terms: Terms = PAPER):
+def solve_dense_reference(tr, *, kind: str, lam, terms: Terms = PAPER, prior=None):
   """Eq. 13 (with `terms`) solved per test example with an explicit float64 design matrix.
 
   For each z: rows s with mask 1, X = [x·Q, Q] (or Q / x·Q for the ablations), plus
@@ -30,8 +30,12 @@ def solve_dense_reference(tr, *, kind: str, lam: float, terms: Terms = PAPER):
   Γ = √λ I on A, B (√λ (I − J/n) per half when centred) and √λ_s I on ρ, γ — with both
   step terms, on ρ_t and γ'_t = γ_t + ρ_t x̄_t (x̄_t the step's mean recorded L_{t-1}: the
   model in the step-centred basis (x − x̄_t)·E, E, as the production solver solves it).
-  Returns float64 (A, B) [m, n] for the paper's terms, else a Solution (numpy float64).
+  lam: λ, or a pair (λ_A, λ_B) (Γ = √λ_A on A, √λ_B on B). prior: (Ā, B̄) [m, n]: the
+  penalty is ‖Γ (w − w̄)‖² instead (stacked right-hand side Γ w̄).
+  Returns float64 (A, B) [m, n] for the paper's terms and no prior, else a Solution
+  (numpy float64).
   """
+  lam_a, lam_b = (float(lam[0]), float(lam[1])) if np.ndim(lam) else (float(lam),) * 2
   check_kind(kind)
   n = tr.num_train
   q = dense_q(tr.batches, n)
@@ -50,7 +54,9 @@ def solve_dense_reference(tr, *, kind: str, lam: float, terms: Terms = PAPER):
     rows = mask[:, z]
     qz, x, y, ez = q[rows], prev[rows, z], target[rows, z], e[rows]
     cols = [x[:, None] * qz if h == "A" else qz for h in halves]
-    pens = [np.sqrt(lam) * shrink for _ in halves]
+    pens = [np.sqrt(lam_a if h == "A" else lam_b) * shrink for h in halves]
+    means = [np.zeros(n) if prior is None else np.asarray(prior[0 if h == "A" else 1][z],
+                                                           np.float64) for h in halves]
     xbar = np.zeros(num_t)
     if terms.rho and terms.gamma:   # ρ on the step-centred loss, γ' = γ + ρ x̄_t penalised
       count = ez.sum(0)
@@ -69,8 +75,10 @@ def solve_dense_reference(tr, *, kind: str, lam: float, terms: Terms = PAPER):
       penalty[o:o + pen.shape[0], o:o + pen.shape[0]] = pen
       o += pen.shape[0]
     stacked = np.concatenate([design, penalty])
-    w = np.linalg.lstsq(stacked, np.concatenate([rhs, np.zeros(design.shape[1])]),
-                        rcond=None)[0]
+    shift = np.zeros(design.shape[1])
+    for j, (pen, mean) in enumerate(zip(pens, means)):
+      shift[j * n:(j + 1) * n] = pen @ mean
+    w = np.linalg.lstsq(stacked, np.concatenate([rhs, shift]), rcond=None)[0]
     o = 0
     for h in halves:
       (a_out if h == "A" else b_out)[z] = w[o:o + n]
@@ -80,6 +88,6 @@ def solve_dense_reference(tr, *, kind: str, lam: float, terms: Terms = PAPER):
       o += num_t
     if terms.gamma:
       gamma_out[z] = w[o:o + num_t] - rho_out[z] * xbar
-  if terms.is_paper:
+  if terms.is_paper and prior is None:
     return a_out, b_out
   return Solution(a_out, b_out, rho_out, gamma_out)

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from simfluence_jax.simulators import design
+from simfluence_jax.simulators import lowrank_prior
 from simfluence_jax.yardstick import metrics
 from simfluence_jax.yardstick import scoring
 from simfluence_jax.simulators import ridge
@@ -35,7 +36,11 @@ VARIANTS = {
     "centred": ridge.Terms(centred=True),                # shrink toward the mean example
     "gamma": ridge.Terms(gamma=True),                    # + run-shared γ_t
     "rho_gamma": ridge.Terms(rho=True, gamma=True),      # + run-shared ρ_t L_{t-1} + γ_t
+    # rho_gamma, shrunk toward a rank-1 prior across test examples (lowrank_prior.py)
+    "lowrank": ridge.Terms(rho=True, gamma=True, prior_rank=1),
 }
+# The stage-1 fit a prior_rank variant starts from (its best-validated candidate).
+LOWRANK_BASE = "rho_gamma"
 # Paper §4.1: TracIn-Ideal is Simfluence-Additive (the paper's terms).
 ALIASES = {"tracin_ideal": "additive_paper"}
 # Wide enough that validation does not pick an edge on our experiments (fit.json says when
@@ -231,8 +236,12 @@ def fit(fit_runs: Sequence[RunTrace], *, simulator: str, lam: float | None = Non
   if overlap:
     raise ValueError(f"runs {sorted(overlap)} are both fit and validation runs")
   if variant is None:
-    variants = list(VARIANTS) if val_runs else ["paper"]
-    chosen_by = ("validation all-steps MSE over " + ", ".join(VARIANTS) if val_runs
+    # A fixed λ (lam, or a one-value lam_grid) fixes the penalty: the choice is then among
+    # the λ-grid variants (a prior_rank variant has its own (λ_A, λ_B) grid: ask by name).
+    fixed = lam is not None or len(lam_grid) == 1
+    variants = ([v for v in VARIANTS if not (fixed and VARIANTS[v].prior_rank)]
+                if val_runs else ["paper"])
+    chosen_by = ("validation all-steps MSE over " + ", ".join(variants) if val_runs
                  else "no validation runs: the paper's terms")
   else:
     variants, chosen_by = [variant], "given"
@@ -245,6 +254,15 @@ def fit(fit_runs: Sequence[RunTrace], *, simulator: str, lam: float | None = Non
       and any(VARIANTS[v].has_steps for v in variants)):
     raise ValueError("a variant with step terms needs lam_step, a one-value lam_step_grid, "
                      "or validation runs to choose λ_s from lam_step_grid")
+  eb_variants = [v for v in variants if VARIANTS[v].prior_rank]
+  if eb_variants and not val_runs:
+    raise ValueError(f"variant {eb_variants[0]!r} chooses (λ_A, λ_B) and its stage-1 fit on "
+                     "validation runs: give val_runs")
+  # Stage-1 variants solved on the grid (a prior_rank variant also needs its base's).
+  grid_variants = [v for v in variants if not VARIANTS[v].prior_rank]
+  base_only = bool(eb_variants) and LOWRANK_BASE not in grid_variants
+  if base_only:
+    grid_variants.append(LOWRANK_BASE)
   t_start = time.perf_counter()
   train_ids = union_ids([r.train_ids for r in fit_runs])
   test_ids = ordered_test_ids(fit_runs)
@@ -261,7 +279,7 @@ def fit(fit_runs: Sequence[RunTrace], *, simulator: str, lam: float | None = Non
 
   candidates = []          # (variant, terms, params)
   solve_s = 0.0
-  for name in variants:
+  for name in grid_variants:
     template = VARIANTS[name]
     for ls in (step_lams if template.has_steps else [None]):
       terms = (dataclasses.replace(template, lam_step=ls) if ls is not None else template)
@@ -272,31 +290,75 @@ def fit(fit_runs: Sequence[RunTrace], *, simulator: str, lam: float | None = Non
       solve_s += time.perf_counter() - t0
       candidates += [(name, terms, as_params(sol, lam_value, terms))
                      for lam_value, sol in zip(lams, path)]
+  stage1 = None
+  lam_b: dict[int, float] = {}   # candidate index -> λ_B of a prior_rank candidate (linear)
+  for name in eb_variants:   # stage 2: toward a low-rank prior (lowrank_prior.py)
+    stage1 = {"variant": LOWRANK_BASE, "passes": lowrank_prior.PASSES,
+              "rank": VARIANTS[name].prior_rank, "lam_by_lam_step": {}}
+    pairs = lowrank_prior.lam_pairs(kind)
+    for ls in step_lams:   # the prior from the best-validated base fit of the same λ_s
+      base = [c for c in candidates if c[0] == LOWRANK_BASE and c[1].lam_step == ls]
+      chosen, _ = select_by_validation([c for _, _, c in base], val_runs)
+      stage1["lam_by_lam_step"][repr(ls)] = chosen.lam
+      rho, gamma = chosen.step_terms()
+      terms = dataclasses.replace(VARIANTS[name], lam_step=ls)
+      t0 = time.perf_counter()
+      sols = lowrank_prior.fit_passes(
+          tr, kind=kind, stage1=ridge.Solution(chosen.A, chosen.B, rho, gamma), terms=terms,
+          pairs=pairs, rank=terms.prior_rank, chunk_size=chunk_size)
+      jax.block_until_ready(sols)
+      solve_s += time.perf_counter() - t0
+      for pair, sol in zip(pairs, sols):
+        lam_b[len(candidates)] = pair[1]    # params.lam holds λ_A (additive: λ_B)
+        candidates.append((name, terms,
+                           as_params(sol, pair[0] if kind != "additive" else pair[1], terms)))
+  if base_only:
+    keep = [i for i, c in enumerate(candidates) if c[0] != LOWRANK_BASE]
+    lam_b = {keep.index(i): v for i, v in lam_b.items()}
+    candidates = [candidates[i] for i in keep]
   t_solved = time.perf_counter()
   val_scores: dict[str, float] = {}
   best = 0
   if val_runs:
-    keys = [candidate_key(name, c.lam, terms) for name, terms, c in candidates]
+    keys = [candidate_key(name, c.lam, terms, lam_b.get(i) if kind == "linear" else None)
+            for i, (name, terms, c) in enumerate(candidates)]
     chosen, val_scores = select_by_validation([c for _, _, c in candidates], val_runs, keys)
     best = next(i for i, c in enumerate(candidates) if c[2] is chosen)
   name, terms, params = candidates[best]
   t_done = time.perf_counter()
 
   edges = {}
-  if len(lams) > 1:
-    edges["lam"] = _edge(params.lam, lams)
-  if terms.has_steps and len(step_lams) > 1:
-    edges["lam_step"] = _edge(terms.lam_step, step_lams)
+  chosen_lam_b = lam_b.get(best)
+  if terms.prior_rank:   # (λ_A, λ_B) from lowrank_prior's grids
+    if len(step_lams) > 1:
+      edges["lam_step"] = _edge(terms.lam_step, step_lams)
+    if kind != "additive":
+      edges["lam_a"] = _edge(params.lam, lowrank_prior.LAM_A_GRID)
+    if kind != "multiplicative":
+      edges["lam_b"] = _edge(chosen_lam_b if kind == "linear" else params.lam,
+                             lowrank_prior.LAM_B_GRID)
+  else:
+    if len(lams) > 1:
+      edges["lam"] = _edge(params.lam, lams)
+    if terms.has_steps and len(step_lams) > 1:
+      edges["lam_step"] = _edge(terms.lam_step, step_lams)
   if val_scores:   # is the validation MSE still moving at the edge, or flat (< 0.1%)?
+    key_b = chosen_lam_b if kind == "linear" else None
+    here = val_scores[candidate_key(name, params.lam, terms, key_b)]
+    grids = {"lam": lams, "lam_step": step_lams, "lam_a": lowrank_prior.LAM_A_GRID,
+             "lam_b": lowrank_prior.LAM_B_GRID}
     for key, edge in list(edges.items()):
       if edge:
-        grid = lams if key == "lam" else step_lams
-        value = params.lam if key == "lam" else terms.lam_step
-        neighbour = sorted(grid)[1] if edge == "smallest" else sorted(grid)[-2]
-        other = dataclasses.replace(terms, lam_step=neighbour) if key == "lam_step" else terms
-        lam_n = neighbour if key == "lam" else params.lam
-        here = val_scores[candidate_key(name, params.lam, terms)]
-        there = val_scores.get(candidate_key(name, lam_n, other))
+        grid = sorted(grids[key])
+        neighbour = grid[1] if edge == "smallest" else grid[-2]
+        lam_n, other, b_n = params.lam, terms, key_b
+        if key == "lam_step":
+          other = dataclasses.replace(terms, lam_step=neighbour)
+        elif key == "lam_b" and kind == "linear":
+          b_n = neighbour
+        else:                       # λ, λ_A, or the one λ of a one-half lowrank fit
+          lam_n = neighbour
+        there = val_scores.get(candidate_key(name, lam_n, other, b_n))
         flat = there is not None and abs(there - here) <= 1e-3 * abs(here)
         edges[key] = f"{edge} (validation MSE {'flat' if flat else 'still falling'} there)"
   diagnostics = {
@@ -306,8 +368,12 @@ def fit(fit_runs: Sequence[RunTrace], *, simulator: str, lam: float | None = Non
       "variant_chosen_by": chosen_by,
       "terms": {"rho": terms.rho, "gamma": terms.gamma, "centred": terms.centred,
                 "lam_step": terms.lam_step if terms.has_steps else None,
-                "beyond": beyond if terms.has_steps else None},
+                "beyond": beyond if terms.has_steps else None,
+                "prior_rank": terms.prior_rank},
       "lam": params.lam,
+      **({"lam_b": chosen_lam_b, "stage1": stage1,
+          "lam_a_grid": list(lowrank_prior.LAM_A_GRID),
+          "lam_b_grid": list(lowrank_prior.LAM_B_GRID)} if terms.prior_rank else {}),
       "lam_chosen_by": "given" if lam is not None else "validation all-steps MSE",
       "lam_grid": lams,
       "lam_step_grid": step_lams if terms.has_steps else None,
@@ -330,8 +396,8 @@ def fit(fit_runs: Sequence[RunTrace], *, simulator: str, lam: float | None = Non
   return params, diagnostics
 
 
-def candidate_key(variant: str, lam: float, terms) -> str:
-  key = f"{variant} lam={lam!r}"
+def candidate_key(variant: str, lam: float, terms, lam_b: float | None = None) -> str:
+  key = f"{variant} lam={lam!r}" + (f" lam_b={lam_b!r}" if lam_b is not None else "")
   return key + (f" lam_step={terms.lam_step!r}" if terms.has_steps else "")
 
 

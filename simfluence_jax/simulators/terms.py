@@ -29,11 +29,15 @@ class Terms:
   rho, gamma: fit run-shared step terms ρ_t (times L_{t-1}) and γ_t, one per step t of the
     fit runs and test example, penalised by lam_step (absolute, like λ).
   centred: shrink A and B toward their mean over the train examples instead of toward 0.
+  prior_rank: r > 0 shrinks A and B toward a rank-r approximation (over test examples) of
+    a first fit instead, with separate λ_A, λ_B (empirical Bayes, `lowrank_prior`). The
+    solver itself takes the prior means as data (`prior=`) and ignores this field.
   """
   rho: bool = False
   gamma: bool = False
   lam_step: float = 1e-4
   centred: bool = False
+  prior_rank: int = 0
 
   @property
   def has_steps(self) -> bool:
@@ -41,7 +45,7 @@ class Terms:
 
   @property
   def is_paper(self) -> bool:
-    return not (self.has_steps or self.centred)
+    return not (self.has_steps or self.centred or self.prior_rank)
 
 
 PAPER = Terms()
