@@ -14,7 +14,9 @@ a per-example numpy baseline (dense X, float64 normal equations) timed on a samp
 extrapolated to seconds per simulator, and the production error vs those float64 solves
 (max |Δ| over the sample, relative to the sample's max |parameter|); the same three figures
 for the step-terms variant under "rho_gamma" (its numpy baseline adds the step columns
-[(x − x̄_t)·E, E] to X, the same model as the solver's).
+[(x − x̄_t)·E, E] to X, the same model as the solver's), and under "lowrank" the default
+`fit --simulator=linear` picks on the quickstart: that stage 1 plus the rank-1 prior and one
+solve toward it (numpy: the same two per-example solves and one SVD).
 
   python -m benchmarks.fit_bench --size=few-shot [--m=10000] [--lam=0.1] [--repeats=5]
 (from the repository root; or PYTHONPATH=. python benchmarks/fit_bench.py ...)
@@ -34,6 +36,7 @@ import jax
 import numpy as np
 
 from simfluence_jax.simulators import design
+from simfluence_jax.simulators import lowrank_prior
 from simfluence_jax.simulators import ridge
 from simfluence_jax.simulators import ridge_reference
 
@@ -94,18 +97,21 @@ def numpy_baseline(tr, cols, *, lam: float):
   return out
 
 
-def numpy_baseline_step_terms(tr, cols, *, lam: float, lam_step: float):
+def numpy_baseline_step_terms(tr, cols, *, lam, lam_step: float, prior=None):
   """Per test example: dense X = [x·Q, Q, (x − x̄_t)·E, E] in float64, normal equations.
 
-  Returns [(A, B, rho, gamma)] with gamma in the model's basis (γ_t = γ'_t − ρ_t x̄_t).
+  lam: λ or (λ_A, λ_B); prior: (Ā, B̄) [m, n] means of A, B (the lowrank variant's stage 2:
+  (XᵀX + Λ) w = Xᵀy + Λ w̄). Returns [(A, B, rho, gamma)] with gamma in the model's basis
+  (γ_t = γ'_t − ρ_t x̄_t).
   """
+  lam_a, lam_b = lam if np.ndim(lam) else (lam, lam)
   steps = np.asarray(tr.steps)
   num_t = int(steps.max()) + 1
   q = ridge_reference.dense_q(tr.batches, tr.num_train)
   e = np.zeros((tr.num_steps, num_t))
   e[np.arange(tr.num_steps), steps] = 1.0
   n = tr.num_train
-  pen = np.concatenate([np.full(2 * n, lam), np.full(2 * num_t, lam_step)])
+  pen = np.concatenate([np.full(n, lam_a), np.full(n, lam_b), np.full(2 * num_t, lam_step)])
   out = []
   for z in cols:
     keep = np.asarray(tr.mask[:, z]) > 0
@@ -114,7 +120,10 @@ def numpy_baseline_step_terms(tr, cols, *, lam: float, lam_step: float):
     ek = e[keep]
     xbar = ek.T @ x / np.maximum(ek.sum(0), 1)
     xm = np.concatenate([x[:, None] * q[keep], q[keep], (x - ek @ xbar)[:, None] * ek, ek], 1)
-    w = np.linalg.solve(xm.T @ xm + np.diag(pen), xm.T @ y)
+    rhs = xm.T @ y
+    if prior is not None:
+      rhs[:2 * n] += pen[:2 * n] * np.concatenate([prior[0][z], prior[1][z]])
+    w = np.linalg.solve(xm.T @ xm + np.diag(pen), rhs)
     rho = w[2 * n:2 * n + num_t]
     out.append((w[:n], w[n:2 * n], rho, w[2 * n + num_t:] - rho * xbar))
   return out
@@ -148,6 +157,14 @@ def run(size: str, m: int | None, lam: float, repeats: int, sample: int | None,
       lambda: ridge.solve_path_with_terms(tr, kind="linear", lams=[lam], terms=terms,
                                           chunk_size=chunk_size), repeats)
 
+  # The lowrank variant's stage 2 (what `fit --simulator=linear` picks on the quickstart):
+  # the rank-1 prior of the stage-1 fit above, then one solve toward it at the quickstart's
+  # validated (λ_A, λ_B) = (1e3, 1e-3). Its total cost is stage 1 + stage 2.
+  pair = (1e3, 1e-3)
+  (eb,), eb_seconds, eb_times, eb_first = _time(
+      lambda: lowrank_prior.fit_passes(tr, kind="linear", stage1=sol, terms=terms,
+                                       pairs=[pair], chunk_size=chunk_size), repeats)
+
   if sample is None:
     sample = 40 if size == "few-shot" else 3
   cols = np.random.default_rng(1).choice(m, size=min(sample, m), replace=False)
@@ -166,6 +183,22 @@ def run(size: str, m: int | None, lam: float, repeats: int, sample: int | None,
     got = np.asarray(getattr(sol, name), np.float64)[cols]
     want = np.stack([r[j] for r in ref_steps])
     steps_err[name] = float(np.abs(got - want).max() / np.abs(want).max())
+  # numpy stage 2: the same prior (SVD of the production stage 1, timed once in numpy over
+  # all m, as a numpy pipeline would), then per-example dense solves.
+  t0 = time.perf_counter()
+  prior = (lowrank_prior.low_rank(np.asarray(sol.A), 1), lowrank_prior.low_rank(
+      np.asarray(sol.B), 1))
+  svd_seconds = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  ref_eb = numpy_baseline_step_terms(tr, cols, lam=pair, lam_step=lam_step, prior=prior)
+  eb_baseline = (time.perf_counter() - t0) / len(cols)
+  eb_err = {}
+  for j, name in enumerate(ridge.Solution._fields):
+    got = np.asarray(getattr(eb, name), np.float64)[cols]
+    want = np.stack([r[j] for r in ref_eb])
+    eb_err[name] = float(np.abs(got - want).max() / np.abs(want).max())
+  lowrank_total = steps_seconds + eb_seconds
+  lowrank_baseline = (steps_baseline + eb_baseline) * m + svd_seconds
   return {
       "size": size, "m": int(m), "n": int(tr.num_train), "S": int(tr.num_steps),
       "k": int(tr.batches.shape[1]), "lam": lam, "dtype": str(np.asarray(tr.prev).dtype),
@@ -178,6 +211,13 @@ def run(size: str, m: int | None, lam: float, repeats: int, sample: int | None,
                     "baseline_seconds_per_sim": steps_baseline,
                     "speedup": steps_baseline * m / steps_seconds,
                     "max_rel_err": steps_err},
+      "lowrank": {"lam_a": pair[0], "lam_b": pair[1], "lam_step": lam_step,
+                  "stage2_seconds": eb_seconds, "stage2_seconds_all": eb_times,
+                  "stage2_first_call_seconds": eb_first,
+                  "seconds": lowrank_total,      # stage 1 (rho_gamma above) + stage 2
+                  "baseline_seconds": lowrank_baseline,
+                  "speedup": lowrank_baseline / lowrank_total,
+                  "max_rel_err": eb_err},
       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
       "backend": jax.default_backend(),
   }
