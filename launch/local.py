@@ -4,8 +4,10 @@ r"""Runs an experiment's stages on this machine, skipping the stages already fin
   python launch/local.py --gin_file=experiments/yesno_ia3.gin \
       --gin_file=local_tiny.gin --gin.WORKSPACE=\"/tmp/tiny\"
 
-Stages: pretrain -> train -> split -> fit (each simulator) -> evaluate (each fit) ->
-counterfactuals (edit curricula, retrain them for real) -> report. Each stage is the
+Stages: pretrain -> train -> split -> fit (each simulator) -> evaluate (each fit) -> study ->
+bench (the frozen bench's edited curricula, retrained for real under vmap) -> removal_test
+(each method's own top proponents removed, retrained) -> counterfactuals (every method
+scored on the change it predicts: counterfactuals/scores.json) -> report. Each stage is the
 project's own binary run as a subprocess with the same --gin_file / --gin flags (exactly what
 launch/xm_launch.py launches as XManager jobs). A finished stage leaves
 <workspace>/stages/<stage>.json; re-running skips it (--redo=stage,... forces it).
@@ -28,12 +30,14 @@ import gin
 
 from simfluence_jax.traces import atomic_io
 from simfluence_jax.cli import gin_setup as gin_utils
+from simfluence_jax.experiments import counterfactual_bank
 from simfluence_jax.experiments import pipeline
 
 _REDO = flags.DEFINE_list("redo", [], "Stages to run again even if finished.")
 _STOP_AFTER = flags.DEFINE_string("stop_after", None, "Stop after this stage.")
 
-STAGES = ("pretrain", "train", "split", "fit", "evaluate", "counterfactuals", "report")
+STAGES = ("pretrain", "train", "split", "fit", "evaluate", "study", "bench", "removal_test",
+          "counterfactuals", "report")
 
 
 class Stages:
@@ -119,16 +123,22 @@ def main(argv: Sequence[str]) -> None:
   if config.study:
     stages.run("study", lambda: binary("study", ws))
   if config.counterfactuals:
-    fit_name = "linear" if "linear" in config.simulators else config.simulators[0]
+    def retrain(files, record_every=1):
+      files = [str(f) for f in files]
+      run_ids = json.dumps([f"explicit_{pathlib.Path(f).stem}" for f in files])
+      binary("train", *common, f"--gin_bindings=run_experiment.curriculum_files = "
+             f"{json.dumps(files)}", f"--gin_bindings=run_experiment.run_ids = {run_ids}",
+             f"--gin_bindings=run_experiment.record_every = {record_every}")
 
-    def retrain():
-      manifest = pipeline.make_counterfactuals(workspace, fit_name=fit_name, config=config)
-      files = json.dumps([m["path"] for m in manifest])
-      run_ids = json.dumps(pipeline.counterfactual_run_ids(manifest))
-      binary("train", *common, f"--gin_bindings=run_experiment.curriculum_files = {files}",
-             f"--gin_bindings=run_experiment.run_ids = {run_ids}")
-
-    stages.run("counterfactuals", retrain)
+    spec = config.bench_spec()
+    stages.run("bench", lambda: retrain(counterfactual_bank.make_bench(workspace, spec),
+                                        spec.record_every))
+    methods = [m for m in config.removal_test_methods if m in config.simulators]
+    if methods and config.removal_test_targets > 0:
+      stages.run("removal_test", lambda: retrain(counterfactual_bank.make_removal_test(
+          workspace, methods=methods, num_targets=config.removal_test_targets,
+          k=config.removal_test_k, seed=config.bench_seed)))
+    stages.run("counterfactuals", lambda: binary("counterfactuals", ws))
   if done("counterfactuals"):
     return
   stages.run("report", lambda: binary("report", ws))

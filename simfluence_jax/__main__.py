@@ -11,6 +11,7 @@ BINARIES = {
     "evaluate": "score a fit on held-out runs (metrics.json)",
     "simulate": "simulate a curriculum with a fit",
     "study": "the data-efficiency study (simulators vs number of past runs)",
+    "counterfactuals": "score every method on retrained edited runs (scores.json)",
     "merge_workspaces": "merge workspaces trained as separate jobs",
     "report": "write the experiment's HTML / markdown report",
 }

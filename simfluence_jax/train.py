@@ -151,6 +151,7 @@ def run_experiment(
     pretrained_dir: str | None = None,
     checkpoint_every: int = 0,
     num_tracin_checkpoints: int = 10,
+    record_every: int = 1,
 ) -> dict:
   """Trains the sampled (+ explicit) curricula, writes traces; returns a summary dict.
 
@@ -158,7 +159,12 @@ def run_experiment(
   num_tracin_checkpoints: per-run checkpoints at this many evenly spaced steps (incl. final).
   run_ids: train only these runs of the experiment (to split it across jobs).
   pretrained_dir: defaults to <workspace>/pretrained (written by simfluence_jax.pretrain).
+  record_every: record the test losses after every `record_every`-th step and after each
+    run's last step (others NaN: "not recorded"); 1 = every step (what fits need). The
+    counterfactual bank uses more: recording is most of a step's cost.
   """
+  if record_every < 1:
+    raise ValueError(f"record_every must be >= 1, got {record_every}")
   start_time = time.time()
   ws = pathlib.Path(workspace)
   primary = jax.process_index() == 0
@@ -214,7 +220,8 @@ def run_experiment(
   meta = {"task": task, "tuning": tuning, "optimizer": optimizer,
           "learning_rate": learning_rate, "seed": seed,
           "model_config": dataclasses.asdict(model_config),
-          "input_length": input_length, "target_length": target_length}
+          "input_length": input_length, "target_length": target_length,
+          **({"record_every": record_every} if record_every != 1 else {})}
   extra = {pathlib.Path(f).stem: curricula.load_curriculum_metadata(f)
            for f in curriculum_files}
   # A resume must continue the same experiment: same runs, steps, test set and settings.
@@ -251,7 +258,9 @@ def run_experiment(
   state, progress = trainer_lib.train_group(
       trainer, state, progress, positions=positions, pool=pool, test_batch=test_batch,
       mesh=mesh, save_steps=set().union(*run_saves, group_saves), on_save=on_save,
-      on_steps=on_steps)
+      on_steps=on_steps,
+      record_steps=None if record_every == 1 else (
+          set(range(record_every, num_steps + 1, record_every)) | set(lengths)))
   bar.close()
   writer.flush()
 

@@ -130,3 +130,61 @@ def counterfactual(real: np.ndarray, base_real: np.ndarray | None,
              bbox_to_anchor=(0.5, -0.04 - 0.05 * ((len(labels) - 1) // 3)), frameon=False)
   fig.tight_layout(rect=(0, 0.08, 1, 1))
   return _png(fig)
+
+
+def delta_scatter(points: Mapping[str, tuple[np.ndarray, np.ndarray, str]],
+                  colors: Mapping[str, str], max_points: int = 3000) -> bytes:
+  """Simulated vs observed Δ final loss (edited − base), one panel per method;
+  label -> (observed [N], simulated [N], legend text). At most `max_points` per panel (a
+  fixed subsample, the same pairs in every panel)."""
+  n = len(points)
+  ncols = min(4, n)
+  nrows = int(np.ceil(n / ncols))
+  fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 3.0 * nrows), squeeze=False)
+  for ax, (label, (obs, sim, text)) in zip(axes.flat, points.items()):
+    idx = np.arange(obs.size)
+    if obs.size > max_points:
+      idx = np.random.default_rng(0).choice(obs.size, max_points, replace=False)
+    o, s = obs[idx], sim[idx]
+    ok = np.isfinite(o) & np.isfinite(s)
+    ax.scatter(o[ok], s[ok], s=4, alpha=0.35, color=colors.get(label, "#555555"), label=text)
+    lo, hi = (float(np.min(o[ok])), float(np.max(o[ok]))) if ok.any() else (-1.0, 1.0)
+    ax.plot([lo, hi], [lo, hi], color="#888888", lw=1, label="y = x")
+    ax.axhline(0, color="#cccccc", lw=0.8)
+    ax.axvline(0, color="#cccccc", lw=0.8)
+    ax.set_title(_title(label, 34))
+    ax.set_xlabel("observed Δ final loss")
+    ax.set_ylabel("simulated Δ")
+    ax.legend(loc="upper left", frameon=False)
+  for ax in list(axes.flat)[n:]:
+    ax.axis("off")
+  fig.tight_layout()
+  return _png(fig)
+
+
+def delta_trajectories(kinds: Mapping[str, tuple[np.ndarray, Mapping[str, np.ndarray]]],
+                       colors: Mapping[str, str]) -> bytes:
+  """Mean Δ_t = edited − base per step, observed (black dots: recorded steps) vs simulated
+  (lines), one panel per edit kind; kind -> (observed [T], {label: simulated [T]})."""
+  n = len(kinds)
+  ncols = min(4, n)
+  nrows = int(np.ceil(n / ncols))
+  fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows), squeeze=False)
+  for ax, (kind, (obs, sims)) in zip(axes.flat, kinds.items()):
+    ax.axhline(0, color="#cccccc", lw=0.8)
+    for label, sim in sims.items():
+      ax.plot(np.arange(sim.size), sim, color=colors.get(label, "#555555"), lw=1.3,
+              label=label)
+    ok = np.isfinite(obs)
+    ax.plot(np.flatnonzero(ok), obs[ok], "o-", color=TRUE_COLOR, ms=2.5, lw=1.2,
+            label="observed")
+    ax.set_title(_title(kind, 40, 1))
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean Δ loss")
+  for ax in list(axes.flat)[n:]:
+    ax.axis("off")
+  handles, labels = axes.flat[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)),
+             bbox_to_anchor=(0.5, -0.03 - 0.04 * ((len(labels) - 1) // 3)), frameon=False)
+  fig.tight_layout(rect=(0, 0.06, 1, 1))
+  return _png(fig)

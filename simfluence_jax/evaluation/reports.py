@@ -7,9 +7,9 @@ scripts, no external assets), report.md and the PNG figures it links to.
 
 Inputs, all read-only:
   W/runs/<id>/            the trace contract (traces.read_run); run.json free metadata keys
-                          task / model / tuning / seed are shown when present, and
-                          {"counterfactual": {"name", "base_run", "description", ["test_id"]}}
-                          marks a real retraining under an edited curriculum (section 6).
+                          task / model / tuning / seed are shown when present.
+  W/counterfactuals/scores.json, deltas.npz   the counterfactual bank's scores and per-pair
+                          Δ (experiments/counterfactual_bank.py; section 5), when present.
   W/examples/{train,test}.jsonl   example texts (optional).
   W/fits/<name>/          params.npz + fit.json (fit_params.save_fit) and metrics.json, the
                           `simfluence_jax.evaluate` output; the table's numbers are read from
@@ -38,7 +38,6 @@ import numpy as np
 from simfluence_jax.evaluation import attribution
 from simfluence_jax.traces import atomic_io
 from simfluence_jax.traces import fit_params
-from simfluence_jax.yardstick import metrics
 from simfluence_jax.evaluation import report_plots
 from simfluence_jax.simulators import rollout as rollout_lib
 from simfluence_jax.simulators import simfluence as simulators
@@ -332,68 +331,108 @@ def _attribution_section(page, best: Fit, run, cols, train_examples, test_exampl
   page.table(["Test example", "", "Training example", "effect"], rows)
 
 
-def _counterfactual_section(page, workspace, fits, cf_runs, colors, test_examples,
-                            fit_runs=()):
-  all_run_ids = set(traces.list_runs(workspace))
-  page.heading("5. Counterfactual check: real retrainings under edited curricula")
-  if not cf_runs:
-    page.para("No counterfactual runs in this workspace (run.json metadata without "
-              "'counterfactual').")
+CF_DIR = "counterfactuals"           # experiments/counterfactual_bank.py writes these
+_TRAJ_METHODS = ("linear", "linear_paper", "additive", "tracin_cp", "mean_trajectory")
+
+
+def _cell(v, digits=2):
+  return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else (
+      f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+
+def _counterfactual_section(page, workspace, colors):
+  """5. The counterfactual bank: every method on the change it predicts (scores.json)."""
+  page.heading("5. Counterfactual bank: the change each method predicts, vs retraining")
+  scores = _read_json(workspace / CF_DIR / "scores.json")
+  if not scores or not scores.get("methods"):
+    page.para("No counterfactual scores in this workspace (the pipeline's bench, "
+              "removal_test and counterfactuals stages write them; or run `python -m "
+              "simfluence_jax.counterfactuals`).")
     return
+  bench = scores.get("bench") or {}
+  spec = bench.get("spec") or {}
+  page.para(f"{scores['runs']} edited curricula retrained for real (bench version "
+            f"{bench.get('version', '–')}, seed {spec.get('seed', '–')}, from "
+            f"{spec.get('num_base_runs', '–')} held-out base runs; generated without "
+            "looking at any method). Δ = edited − base final loss per (edit, test "
+            "example); each method simulates both runs from their own L_0. Within-group: "
+            "per edit, each answer group's mean Δ removed first (what a method knows beyond "
+            "which label an edit favours). Datamodeling: per test example, Spearman over the "
+            "half-subset runs of simulated vs observed final loss, averaged. The last two "
+            "rows ignore the curriculum.")
+  methods = scores["methods"]
+  labels = {n: m["label"] for n, m in methods.items()}
   rows = []
-  for idx, run in enumerate(cf_runs):
-    cf = run.metadata["counterfactual"]
-    base = None
-    if cf.get("base_run") in all_run_ids:
-      base = traces.read_run(workspace, cf["base_run"])
-    elif cf.get("base_run"):
-      page.para(f"{run.run_id}: base run {cf['base_run']!r} is not in this workspace; "
-                "changes relative to it are not shown.")
-    cols_named = {int(t): j for j, t in enumerate(run.test_ids.tolist())}
-    target = cols_named.get(int(cf["test_id"])) if cf.get("test_id") is not None else None
-    def panels(losses, ids):
-      mean = np.nanmean(np.asarray(losses, np.float64), axis=1, keepdims=True)
-      if target is None:
-        return mean
-      col = list(ids.tolist()).index(int(cf["test_id"])) if int(cf["test_id"]) in ids else None
-      tgt = np.asarray(losses, np.float64)[:, [col]] if col is not None else mean * np.nan
-      return np.concatenate([mean, tgt], axis=1)
-    sims, base_sims = {}, {}
-    for f in fits:
-      sims[f.label] = simulate(f, run)
-      if base is not None:
-        base_sims[f.label] = simulate(f, base)
-    titles = ["mean over test examples"] + (
-        [f"target {_text(test_examples, cf['test_id'], 70)}"] if target is not None else [])
-    page.figure(report_plots.counterfactual(
-        panels(run.losses, run.test_ids),
-        panels(base.losses, base.test_ids) if base is not None else None,
-        {k: panels(v, run.test_ids) for k, v in sims.items()}, colors, titles),
-        f"counterfactual_{idx}.png", f"{cf.get('name', run.run_id)}: "
-        f"{cf.get('description', '')} (simulated from the run's own L_0)")
-    real_change = (float(np.nanmean(run.losses[-1]) - np.nanmean(base.losses[-1]))
-                   if base is not None else float("nan"))
-    for f in fits:
-      sim_change = float("nan")
-      if base is not None:
-        sim_change = float(np.mean(sims[f.label][-1]) - np.mean(base_sims[f.label][-1]))
-      rows.append([str(cf.get("name", run.run_id)), f.label,
-                   format_number(metrics.all_steps_mse(sims[f.label], run.losses)),
-                   format_number(metrics.final_step_spearman(sims[f.label], run.losses)),
-                   format_number(real_change), format_number(sim_change)])
-    if base is not None and fit_runs:
-      for name, preds in baselines.predictions(fit_runs, [run, base]).items():
-        sim_change = float(np.mean(preds[run.run_id][-1]) - np.mean(preds[base.run_id][-1]))
-        rows.append([str(cf.get("name", run.run_id)), baselines.LABELS[name],
-                     format_number(metrics.all_steps_mse(preds[run.run_id], run.losses)),
-                     format_number(metrics.final_step_spearman(preds[run.run_id],
-                                                               run.losses)),
-                     format_number(real_change), format_number(sim_change)])
-  page.table(["Counterfactual", "Method", "MSE", "Spearman", "real Δ final loss",
-              "simulated Δ"], rows)
-  page.para("Δ = mean final test loss of the edited run − of its base run. The "
-            "no-curriculum rows predict a change only through the run's length (a shorter "
-            "re-packed run stops earlier on the mean trajectory).")
+  for name, m in methods.items():
+    o = m.get("overall", {})
+    dm = m.get("datamodeling") or {}
+    rows.append([labels[name], _cell(o.get("pearson")), _cell(o.get("pearson_within")),
+                 _cell(o.get("spearman")), _cell(o.get("sign")),
+                 f"{_cell(o.get('mean_sim'), 4)} ({_cell(o.get('mean_obs'), 4)})",
+                 _cell(dm.get("mean")), str(o.get("n", "–"))])
+  page.table(["Method", "Pearson", "Pearson within groups", "Spearman", "sign agreement",
+              "mean Δ sim (obs)", "datamodeling", "pairs"], rows)
+  kinds = scores.get("kinds") or []
+  rows = []
+  for name, m in methods.items():
+    cells = []
+    for k in kinds:
+      v = (m.get("kinds") or {}).get(k, {})
+      cells.append(f"{_cell(v.get('pearson'))} / {_cell(v.get('pearson_within'))}")
+    rows.append([labels[name]] + cells)
+  page.para("Per edit kind: Pearson / within-group Pearson of simulated vs observed Δ.")
+  page.table(["Method"] + kinds, rows)
+  first = next(iter(methods.values()))
+  rows = [["observed"] + [_cell((first.get("kinds") or {}).get(k, {}).get("mean_obs"), 4)
+                          for k in kinds]]
+  for name, m in methods.items():
+    cells = []
+    for k in kinds:
+      v = (m.get("kinds") or {}).get(k, {})
+      mark = {True: " ✓", False: " ✗"}.get(v.get("sign_of_mean"), "")
+      cells.append(_cell(v.get("mean_sim"), 4) + mark)
+    rows.append([labels[name]] + cells)
+  page.para("Mean Δ per kind; ✓ = the simulated mean has the observed sign overall and in "
+            "every answer group.")
+  page.table(["Mean Δ"] + kinds, rows)
+  deltas = workspace / CF_DIR / "deltas.npz"
+  if deltas.exists():
+    with np.load(deltas, allow_pickle=False) as z:
+      arrays = {k: z[k] for k in z.files}
+    obs = arrays.get("obs")
+    points = {}
+    for name in methods:
+      sim = arrays.get(f"sim__{name}")
+      if obs is not None and sim is not None:
+        o = methods[name].get("overall", {})
+        points[labels[name]] = (obs, sim, f"r = {_cell(o.get('pearson'))}, within "
+                                           f"{_cell(o.get('pearson_within'))}")
+    cmap = {**report_plots.color_for(list(points)), **colors}
+    if points:
+      page.figure(report_plots.delta_scatter(points, cmap), "counterfactual_scatter.png",
+                  "Simulated vs observed Δ final loss, every (edit, test example) pair "
+                  "(≤ 3,000 shown per panel)")
+    chosen = [n for n in _TRAJ_METHODS if n in methods]
+    panels = {}
+    for k in kinds:
+      key = k.replace("/", "__")
+      if f"traj_obs__{key}" in arrays:
+        panels[k] = (arrays[f"traj_obs__{key}"],
+                     {labels[n]: arrays[f"traj_sim__{n}__{key}"] for n in chosen
+                      if f"traj_sim__{n}__{key}" in arrays})
+    if panels:
+      page.figure(report_plots.delta_trajectories(panels, cmap), "counterfactual_deltas.png",
+                  "Mean Δ_t = edited − base loss per step, per edit kind: observed at the "
+                  "recorded steps (black) vs simulated")
+  if scores.get("removal_test"):
+    rows = [[r["method"], str(r["target_id"]), str(r["k"]), _cell(r.get("predicted_rise"), 4),
+             _cell(r.get("observed_rise"), 4), _cell(r.get("observed_mean_rise_all_tests"), 4)]
+            for r in scores["removal_test"]]
+    page.para("Removal test: each method's own top-k proponents of a target removed (masked) "
+              "from the first held-out run and retrained; the target's rise in final loss "
+              "(a good attribution makes it large), beside the mean over all test examples.")
+    page.table(["Method", "target", "k", "predicted rise", "observed rise",
+                "observed mean over tests"], rows)
 
 
 def _study_section(page, workspace: pathlib.Path):
@@ -454,8 +493,6 @@ def write_report(workspace, output_dir=None) -> dict:
   if not heldout_runs:
     raise ValueError(f"{workspace}: no held-out runs (experiment.json split or metrics.json "
                      "per_run)")
-  all_runs = {r: traces.read_run(workspace, r) for r in run_ids}
-  cf_runs = [r for r in all_runs.values() if isinstance(r.metadata.get("counterfactual"), dict)]
   train_examples, test_examples = _examples(workspace, "train"), _examples(workspace, "test")
   colors = report_plots.color_for([f.label for f in fits])
 
@@ -467,10 +504,7 @@ def write_report(workspace, output_dir=None) -> dict:
   simfluence = [f for f in fits if not f.rescaled] or fits
   best = min(simfluence, key=lambda f: np.nan_to_num(f.metrics["mse"]["mean"], nan=np.inf))
   _attribution_section(page, best, heldout_runs[0], cols, train_examples, test_examples)
-  fit_run_ids = next((f.diagnostics.get("fit_runs") for f in fits
-                      if f.diagnostics.get("fit_runs")), [])
-  fit_runs = [all_runs[r] for r in fit_run_ids if r in all_runs]
-  _counterfactual_section(page, workspace, fits, cf_runs, colors, test_examples, fit_runs)
+  _counterfactual_section(page, workspace, colors)
   _quality_section(page, fits)
   _study_section(page, workspace)
 

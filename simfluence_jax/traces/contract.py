@@ -142,10 +142,9 @@ def validate(trace: RunTrace, where: str) -> RunTrace:
   if steps == 0:
     raise TraceError(f"{where}: empty run (T = 0 steps); a run has at least one step")
   pad = cur == -1
-  if np.any(pad.all(axis=1)):
-    t = int(np.nonzero(pad.all(axis=1))[0][0])
-    raise TraceError(f"{where}: step {t + 1} (row {t}) is all padding (-1); every step "
-                     "consumes at least one example")
+  if pad.all():   # an all-pad row is a no-op step (a masked edit may empty a batch)
+    raise TraceError(f"{where}: every step is all padding (-1); a run consumes at least "
+                     "one example")
   inner = pad[:, :-1] & ~pad[:, 1:]  # a pad followed by an id
   if np.any(inner):
     t = int(np.nonzero(inner.any(axis=1))[0][0])

@@ -196,6 +196,9 @@ class Trainer:
   Attributes:
     train_step(state, positions [R,k], pool, test_batch) -> (state, train_loss [R], test [R,m])
       (`state` is donated.)
+    update_step(state, positions [R,k], pool) -> (state, train_loss [R]): the same step
+      without recording (a step whose test losses are not wanted: ~90% of a step's cost
+      on our CPU experiments is the recording forward).
     record(state, test_batch) -> [R, m] test losses of the current state (L_0).
 
   mesh: when given, both run under `jax.shard_map` over its "runs" axis: each device steps and
@@ -217,6 +220,8 @@ class Trainer:
     self.mesh = mesh
     self.record_chunk = record_chunk
     self.train_step = jax.jit(self._sharded(self._train_step, num_outputs=3), donate_argnums=0)
+    self.update_step = jax.jit(self._sharded(self._update_step, num_outputs=2),
+                               donate_argnums=0)
     self.record = jax.jit(self._sharded(self._record, num_outputs=1))
 
   def _sharded(self, fn, num_outputs):
@@ -224,8 +229,8 @@ class Trainer:
       return fn
     runs, rep = PartitionSpec("runs"), PartitionSpec()
     spec = TrainState(step=rep, trainable=runs, opt_state=runs, frozen=rep, rng=runs)
-    in_specs = (spec, runs, rep, rep) if num_outputs == 3 else (spec, rep)
-    out_specs = (spec, runs, runs) if num_outputs == 3 else runs
+    in_specs = {3: (spec, runs, rep, rep), 2: (spec, runs, rep), 1: (spec, rep)}[num_outputs]
+    out_specs = {3: (spec, runs, runs), 2: (spec, runs), 1: runs}[num_outputs]
     return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs)
 
   def _run_loss(self, trainable, frozen, rng, pool, positions):
@@ -253,13 +258,17 @@ class Trainer:
       return jax.vmap(run_record)(state.trainable)                      # [R, m]
     return jax.lax.map(run_record, state.trainable, batch_size=self.record_chunk)
 
-  def _train_step(self, state: TrainState, positions: jax.Array, pool: Batch,
-                  test_batch: Batch):
+  def _update_step(self, state: TrainState, positions: jax.Array, pool: Batch):
     trainable, opt_state, rng, train_loss = jax.vmap(
         self._run_update, in_axes=(0, 0, 0, None, None, 0))(
             state.trainable, state.opt_state, state.rng, state.frozen, pool, positions)
     state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state,
                           rng=rng)
+    return state, train_loss
+
+  def _train_step(self, state: TrainState, positions: jax.Array, pool: Batch,
+                  test_batch: Batch):
+    state, train_loss = self._update_step(state, positions, pool)
     return state, train_loss, self._record(state, test_batch)
 
 
@@ -280,7 +289,8 @@ def train_group(trainer: Trainer, state: TrainState, progress: Progress, *,
                 mesh: Mesh | None = None, save_steps: Iterable[int] = (),
                 on_save: Callable[[TrainState, Progress], None] | None = None,
                 on_steps: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
-                sync_every: int = 4) -> tuple[TrainState, Progress]:
+                sync_every: int = 4,
+                record_steps: Iterable[int] | None = None) -> tuple[TrainState, Progress]:
   """Steps the group from `state.step` to T = positions.shape[1], filling `progress`.
 
   positions: int32 [R, T, k] (host). L_0 is recorded first when state.step == 0.
@@ -289,6 +299,9 @@ def train_group(trainer: Trainer, state: TrainState, progress: Progress, *,
   Losses come back to the host every `sync_every` steps so dispatch runs ahead of the device.
   With devices of several processes, each process fills only the rows of its own runs
   (distributed.process_runs); the other rows stay NaN, in `progress` and in `on_steps`.
+  record_steps: the steps (1..T) whose test losses are recorded (None: every step; L_0 is
+  always recorded); the others stay NaN ("not recorded" in the trace contract) and are
+  stepped by `trainer.update_step`. The same seed gives the same parameters either way.
   """
   positions = np.asarray(positions, np.int32)
   num_runs, num_steps, _ = positions.shape
@@ -302,18 +315,24 @@ def train_group(trainer: Trainer, state: TrainState, progress: Progress, *,
   def flush():
     for step, train_loss, test_losses in pending:
       train_loss = distributed.host_array(train_loss)
-      test_losses = distributed.host_array(test_losses)
+      test_losses = (np.full(progress.losses[:, step].shape, np.nan, np.float32)
+                     if test_losses is None else distributed.host_array(test_losses))
       progress.train_losses[:, step - 1] = train_loss
       progress.losses[:, step] = test_losses
       if on_steps is not None:
         on_steps(step, train_loss, test_losses)
     pending.clear()
 
+  record = None if record_steps is None else set(int(s) for s in record_steps)
   for t in range(start, num_steps):
     batch_positions = (jax.device_put(positions[:, t]) if mesh is None
                        else distributed.global_array(positions[:, t], pos_sharding))
-    state, train_loss, test_losses = trainer.train_step(state, batch_positions, pool,
-                                                        test_batch)
+    if record is None or t + 1 in record:
+      state, train_loss, test_losses = trainer.train_step(state, batch_positions, pool,
+                                                          test_batch)
+    else:
+      state, train_loss = trainer.update_step(state, batch_positions, pool)
+      test_losses = None
     pending.append((t + 1, train_loss, test_losses))
     if t + 1 in save_steps or t + 1 == num_steps or len(pending) >= sync_every:
       flush()

@@ -19,6 +19,7 @@ import tempfile
 import numpy as np
 import pytest
 
+from simfluence_jax.experiments import counterfactual_bank
 from simfluence_jax.prior_methods import methods as baselines
 from simfluence_jax.traces import fit_params
 from simfluence_jax.simulators import simfluence as simulators
@@ -41,11 +42,15 @@ def _write_run(ws: pathlib.Path, run_id: str, cur: np.ndarray, losses: np.ndarra
       "num_steps": int(cur.shape[0]), **meta}))
 
 
-def _simulate(a, b, cur, l0):
+def _simulate(a, b, cur, l0, rho=None, gamma=None):
+  """Eq. 1 by a loop; with step terms L_t = (α + ρ_t) L_{t-1} + β + γ_t (held past T_s)."""
   out = [l0]
-  for row in cur:
+  for t, row in enumerate(cur):
     pos = row[row >= 0] - 100
-    out.append(a[:, pos].sum(1) * out[-1] + b[:, pos].sum(1))
+    s = min(t, rho.shape[1] - 1) if rho is not None else None
+    r = rho[:, s] if rho is not None else 0.0
+    g = gamma[:, s] if gamma is not None else 0.0
+    out.append((a[:, pos].sum(1) + r) * out[-1] + b[:, pos].sum(1) + g)
   return np.stack(out)
 
 
@@ -97,6 +102,7 @@ def _build_workspace(ws: pathlib.Path) -> dict:
   (ws / "fits" / "tracin_cp" / "metrics.json").write_text(json.dumps(result))
   experiment["fits"]["tracin_cp"] = {"simulator": "tracin_cp", "label": "TracIn-CP"}
   (ws / "experiment.json").write_text(json.dumps(experiment))
+  counterfactual_bank.score_workspace(ws)       # scores.json + deltas.npz: section 5
   return experiment
 
 
@@ -123,7 +129,11 @@ def test_table_has_evaluate_numbers(report):
     want_rho = f"{m['spearman']['mean']:.3g} ± {m['spearman']['std']:.3g}"
     # Method | Variant | λ | MSE | curriculum R² | Spearman | across-run | fit s | runs
     assert cells[3] == want_mse and cells[5] == want_rho, (row, want_mse, want_rho)
-    assert cells[2] == f"{m['lam']:.3g}"
+    diag = json.loads((ws / "fits" / name / "fit.json").read_text())
+    if diag.get("lam_b") is not None and m["kind"] == "linear":   # the lowrank variant
+      assert cells[2] == f"λ_A {m['lam']:.3g}, λ_B {diag['lam_b']:.3g}"
+    else:
+      assert cells[2] == f"{m['lam']:.3g}"
     assert cells[4] == f"{m['curriculum_r2']:.3g}"
     assert cells[6].startswith(f"{m['across_run']['mean']:.3g} (")
     rows[name] = m
@@ -139,7 +149,14 @@ def test_table_has_evaluate_numbers(report):
   best = min(rows, key=lambda n: rows[n]["mse"]["mean"])
   assert f"**{rows[best]['mse']['mean']:.3g} ± {rows[best]['mse']['std']:.3g}**" in md
   assert "toy experiment" in md and "task: toy_task" in md
-  assert "reverse" in md and "No counterfactual runs" not in md
+  assert "| reverse |" in md and "No counterfactual scores" not in md
+  # section 5 shows scores.json's numbers: the overall Pearson of each method
+  scores = json.loads((ws / "counterfactuals" / "scores.json").read_text())
+  for name, m in scores["methods"].items():
+    row = next(l for l in md.splitlines() if l.startswith(f"| {m['label']} | ")
+               and l.count("|") == 9)
+    p = m["overall"]["pearson"]
+    assert row.split("|")[2].strip() == ("–" if not np.isfinite(p) else f"{p:.2f}"), row
   assert "| TracIn-CP [uses ground-truth rescaling] |" in md
 
 
@@ -150,14 +167,15 @@ def test_every_image_is_a_valid_png(report):
   page = (out / "report.html").read_text()
   assert "http://" not in page and "https://" not in page and "<script" not in page
   images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-  # trajectories, final-loss scatter, one counterfactual.
-  assert len(images) == 3 == page.count("<img")
+  # trajectories, final-loss scatter, the counterfactual Δ scatter and Δ trajectories.
+  assert len(images) == 4 == page.count("<img")
   for data in images:
     img = Image.open(io.BytesIO(base64.b64decode(data)))
     img.verify()
     assert img.format == "PNG" and img.size[0] > 200 and img.size[1] > 100
   assert sorted(p.name for p in out.glob("*.png")) == [
-      "counterfactual_0.png", "final_losses.png", "trajectories.png"]
+      "counterfactual_deltas.png", "counterfactual_scatter.png", "final_losses.png",
+      "trajectories.png"]
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y "
@@ -176,7 +194,7 @@ def test_renders_in_headless_chromium(report):
             "--no-first-run", f"--user-data-dir={tmp}/profile", "--virtual-time-budget=5000"]
     dom = subprocess.run(args + ["--dump-dom", test_page.as_uri()], capture_output=True,
                          text=True, timeout=60, check=False).stdout
-    assert "<title>loaded:3</title>" in dom, dom[:500]
+    assert "<title>loaded:4</title>" in dom, dom[:500]
     shot = out / "screenshot.png"
     subprocess.run(args + [f"--screenshot={shot}", "--window-size=1200,3800",
                            (out / "report.html").as_uri()],
@@ -203,15 +221,17 @@ def test_attribution_matches_brute_force_retraining_of_the_simulator(report):
   test_id = int(re.match(r"#(\d+):", rows[0][0]).group(1))
   row = list(params.test_ids).index(test_id)
   a, b = np.asarray(params.A, np.float64)[[row]], np.asarray(params.B, np.float64)[[row]]
+  rho, gamma = (np.asarray(v, np.float64)[[row]] for v in params.step_terms())
+  terms = dict(rho=rho, gamma=gamma) if params.num_step_terms else {}
   l0 = run.losses[0, list(run.test_ids).index(test_id)][None].astype(np.float64)
-  ref = _simulate(a, b, run.curriculum, l0)[-1, 0]
+  ref = _simulate(a, b, run.curriculum, l0, **terms)[-1, 0]
   effects = {}
   for train_id in range(100, 100 + N_TRAIN):
     seq = run.curriculum.reshape(-1)
     seq = seq[seq != train_id]
     padded = np.full(-(-seq.size // K) * K, -1)
     padded[:seq.size] = seq
-    effects[train_id] = _simulate(a, b, padded.reshape(-1, K), l0)[-1, 0] - ref
+    effects[train_id] = _simulate(a, b, padded.reshape(-1, K), l0, **terms)[-1, 0] - ref
   mine = [r for r in rows if int(re.match(r"#(\d+):", r[0]).group(1)) == test_id]
   for kind, pick in (("proponent", max), ("opponent", min)):
     listed = [r for r in mine if r[1] == kind]
@@ -234,10 +254,11 @@ def test_without_experiment_json_or_counterfactuals(report, tmp_path):
   shutil.copytree(ws, copy, ignore=shutil.ignore_patterns("report"))
   (copy / "experiment.json").unlink()
   shutil.rmtree(copy / "runs" / "explicit_reverse")
+  shutil.rmtree(copy / "counterfactuals")
   result = report_lib.write_report(copy, tmp_path / "out")
   md = pathlib.Path(result["markdown"]).read_text()
   assert result["images"] == 2
-  assert "No counterfactual runs" in md and "held-out 2 (from metrics.json)" in md
+  assert "No counterfactual scores" in md and "held-out 2 (from metrics.json)" in md
   for info in experiment["fits"].values():   # without experiment.json: the library's labels
     assert f"\n| {report_lib.LABELS[info['simulator']]} " in md, info
 

@@ -1,4 +1,5 @@
-"""The experiment pipeline: split, counterfactual curricula, merge, and both launchers.
+"""The experiment pipeline: split, merge, and both launchers (the counterfactual bank:
+counterfactual_bank_test.py).
 
 The end-to-end test runs launch/local.py on the tiny config (pretrain -> train -> split ->
 fit -> evaluate -> report), checks the report's table against metrics.json, and that a re-run
@@ -14,8 +15,6 @@ import sys
 import numpy as np
 import pytest
 
-from simfluence_jax.evaluation import attribution
-from simfluence_jax.traces import fit_params
 from simfluence_jax.experiments import pipeline
 from simfluence_jax.evaluation import reports as report
 from simfluence_jax.simulators import simfluence as simulators
@@ -54,44 +53,6 @@ def test_split_is_seeded_disjoint_and_complete(tmp_path):
   assert (len(first["fit"]), len(first["val"]), len(first["heldout"])) == (3, 1, 2)
   other = simulators.split_runs(everything, num_fit=3, num_val=1, seed=5)
   assert other != first  # the seed matters (6!/(3!1!2!) = 60 splits; these two differ)
-
-
-def test_counterfactual_curricula_ask_the_stated_questions(tmp_path):
-  train_ids = _planted_workspace(tmp_path)
-  config = pipeline.PipelineConfig(num_fit=4, num_val=1, num_removed=3, num_duplicates=5)
-  pipeline.write_split(tmp_path, config)
-  split = pipeline.read_experiment(tmp_path)["split"]
-  params, diag = simulators.fit(simulators.read_runs(tmp_path, split["fit"]),
-                                simulator="linear", lam=1e-4)
-  fit_params.save_fit(tmp_path, "linear", params, diag)
-  manifest = pipeline.make_counterfactuals(tmp_path, fit_name="linear", config=config)
-  base = traces.read_run(tmp_path, split["heldout"][0])
-  by_name = {m["name"]: m for m in manifest}
-
-  # The removed examples are the top proponents by removal effect, recomputed here.
-  target = by_name["remove_top_proponents"]["counterfactual"]["test_id"]
-  col = list(base.test_ids).index(target)
-  effects = np.asarray(attribution.repacked_removal_effects(
-      params.A[col:col + 1], params.B[col:col + 1], kind="linear",
-      batches=np.searchsorted(train_ids, base.curriculum),
-      initial_losses=base.losses[0, col:col + 1]))[0]
-  want = [int(train_ids[i]) for i in np.argsort(-effects)[:3] if effects[i] > 0]
-  removed = by_name["remove_top_proponents"]["counterfactual"]["removed_ids"]
-  assert removed == want
-  assert 303 in removed or target != 7000
-
-  def batches(name):
-    return np.asarray(json.loads(pathlib.Path(by_name[name]["path"]).read_text())["batches"])
-
-  kept = batches("remove_top_proponents")
-  assert not np.isin(kept, removed).any()
-  seq = base.curriculum.reshape(-1)
-  np.testing.assert_array_equal(kept[kept >= 0], seq[~np.isin(seq, removed)])
-  np.testing.assert_array_equal(batches("reverse"), base.curriculum[::-1])
-  dup = batches("duplicate_top_proponent")
-  top = removed[0]
-  assert (dup == top).sum() == (base.curriculum == top).sum() + 5
-  assert by_name["reverse"]["run_id"] == "explicit_reverse"
 
 
 def test_merge_workspaces_copies_runs_and_refuses_conflicts(tmp_path):
