@@ -62,9 +62,13 @@ def _removal_chunk(a, b, batches, initial_losses, rho_t, gamma_t, removed, *, ki
     ref, cf = carry                                       # [m], [c, m]
     valid = batch >= 0                                    # [k]
     keep = valid[None, :] & (batch[None, :] != removed[:, None])      # [c, k]
+    k = batch.shape[0]            # a short batch is k × its mean (rollout.step_coefficients)
     w_ref = valid.astype(a.dtype)
+    w_ref = w_ref * (k / jnp.maximum(jnp.sum(w_ref), 1.0))
     w_cf = keep.astype(a.dtype)
-    # identical summation order for reference and counterfactual: entries are only zeroed.
+    w_cf = w_cf * (k / jnp.maximum(jnp.sum(w_cf, axis=1, keepdims=True), 1.0))
+    # identical summation order for reference and counterfactual: entries are only zeroed
+    # (and the survivors of a short batch reweighted).
     alpha_r, beta_r = coefficients(batch, w_ref)          # [m]
     alpha_c, beta_c = coefficients(batch, w_cf)           # [c, m]
     act_r = jnp.any(valid)                                # an all-pad batch is identity

@@ -13,9 +13,11 @@ in one batch gives Q[s, i] = 2: α and β then count it twice, as in the rollout
 Shapes:  batches int32 [S, k];  prev, target, mask float [S, m];  steps int32 [S];
          num_train = n (aux data).
 
-NaN safety: `mask` is 1.0 exactly where both L_{t-1} and L_t are finite (and the batch holds
-at least one example); wherever mask is 0, `prev` and `target` are stored as 0.0, so a
-masked entry can never poison arithmetic downstream.
+NaN safety: `mask` is 1.0 exactly where both L_{t-1} and L_t are finite and the batch is full
+(the run's own batch size: a short batch is simulated as k × its mean, which Eq. 2's rows do
+not express, so it is not a regression row; an all-pad step consumes nothing); wherever
+mask is 0, `prev` and `target` are stored as 0.0, so a masked entry can never poison
+arithmetic downstream.
 """
 
 from __future__ import annotations
@@ -153,13 +155,14 @@ def build_transitions(runs: Sequence, *, train_ids, test_ids) -> Transitions:
           f"run {run.run_id!r}: losses have shape {losses.shape}, expected "
           f"({pos.shape[0] + 1}, {run_test.size}) for {pos.shape[0]} curriculum steps and "
           f"{run_test.size} test ids")
+    full = (pos >= 0).sum(1) == pos.shape[1]   # a full batch of the run's own size
     checked.append((np.pad(pos, ((0, 0), (0, k - pos.shape[1])), constant_values=-1),
-                    losses, run_test))
-  num_steps = sum(pos.shape[0] for pos, _, _ in checked)
-  batches = np.concatenate([pos for pos, _, _ in checked] or [np.zeros((0, k), np.int32)])
+                    losses, run_test, full))
+  num_steps = sum(pos.shape[0] for pos, _, _, _ in checked)
+  batches = np.concatenate([pos for pos, _, _, _ in checked] or [np.zeros((0, k), np.int32)])
   prev, target, mask = (_aligned_empty((num_steps, m), dtype) for _ in range(3))
   row = 0
-  for pos, losses, run_test in checked:   # one run's block at a time: few passes, in cache
+  for pos, losses, run_test, full in checked:   # one run's block at a time: in cache
     rows = slice(row, row + pos.shape[0])
     row += pos.shape[0]
     p, t = prev[rows], target[rows]
@@ -173,12 +176,12 @@ def build_transitions(runs: Sequence, *, train_ids, test_ids) -> Transitions:
       p[:, dst], t[:, dst] = losses[:-1, src], losses[1:, src]
     ok = np.isfinite(p)
     ok &= np.isfinite(t)
-    ok &= (pos >= 0).any(axis=1)[:, None]   # an all-pad step consumes nothing
+    ok &= full[:, None]   # short batches (rollout: k × their mean) are not regressed on
     np.copyto(mask[rows], ok)
     np.logical_not(ok, out=ok)
     np.copyto(p, 0, where=ok)
     np.copyto(t, 0, where=ok)
-  steps = np.concatenate([np.arange(pos.shape[0], dtype=np.int32) for pos, _, _ in checked]
+  steps = np.concatenate([np.arange(pos.shape[0], dtype=np.int32) for pos, _, _, _ in checked]
                          or [np.zeros((0,), np.int32)])
   return Transitions(batches=batches, prev=prev, target=target, mask=mask, num_train=n,
                      steps=steps)

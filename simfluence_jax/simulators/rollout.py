@@ -18,6 +18,12 @@ Conventions shared with `design.py` / `ridge.py`:
   * A, B are [m, n]: row = test example, column = *position* into the fit's train_ids.
   * A curriculum is `batches` int32 [T, k] of positions; -1 is a pad and contributes nothing.
     An example listed twice in one batch counts twice (c_t is a multiset).
+  * A short batch (|c_t| < k real examples) is the **mean** of its examples, scaled to k:
+    α(c) = (k/|c|) Σ_{i∈c} A_i, β(c) = (k/|c|) Σ_{i∈c} B_i — as the trainer averages a short
+    batch's loss over its real examples (the step is as large as a full one). A full batch
+    is Eq. 1 exactly. This also makes a masked removal gauge-free with step terms: shifting
+    every A_i by δ and ρ_t by −kδ (which no full-batch fit can tell apart) changes no
+    prediction. Fits regress on full batches only (design.build_transitions).
   * A step whose batch is all pads is an **identity step** (L_t = L_{t-1}), never α = 0:
     no example was consumed, so nothing happens. This is how curricula of different lengths
     are stacked for `rollout_many` (pad whole rows with -1; see `pad_curricula`) and how an
@@ -66,6 +72,7 @@ def step_coefficients(a: jax.Array, b: jax.Array, batch: jax.Array, active: jax.
   valid = batch >= 0                                    # [k]
   safe = jnp.where(valid, batch, 0)                     # [k]; pads gather column 0 ...
   w = valid.astype(a.dtype)                             # ... and are weighted by 0
+  w = w * (batch.shape[0] / jnp.maximum(jnp.sum(w), 1.0))   # a short batch: k × its mean
   active = jnp.logical_and(active, jnp.any(valid))      # all-pad batch -> identity step
   if kind == "additive":
     alpha = jnp.ones(a.shape[:1], a.dtype)

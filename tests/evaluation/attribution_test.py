@@ -11,14 +11,16 @@ KINDS = ("linear", "additive", "multiplicative")
 
 
 def loop_final(a, b, kind, batches, l0):
-  """Final loss of Eq. 1 by a python loop (float64); an all-pad step is the identity."""
+  """Final loss of Eq. 1 by a python loop (float64); an all-pad step is the identity and a
+  short batch k × the mean of its examples."""
   loss = np.asarray(l0, np.float64).copy()
   for row in np.asarray(batches):
     ids = [int(i) for i in row if i >= 0]
     if not ids:
       continue
-    alpha = 1.0 if kind == "additive" else sum(a[:, i] for i in ids)
-    beta = 0.0 if kind == "multiplicative" else sum(b[:, i] for i in ids)
+    scale = len(row) / len(ids)          # a short batch: k × the mean of its examples
+    alpha = 1.0 if kind == "additive" else scale * sum(a[:, i] for i in ids)
+    beta = 0.0 if kind == "multiplicative" else scale * sum(b[:, i] for i in ids)
     loss = alpha * loss + beta
   return loss
 
@@ -197,8 +199,9 @@ def test_repacked_removal_effects_match_a_loop_of_rollouts():
   def loop_final(cur):
     loss = l0.copy()
     for row in cur:
+      scale = len(row) / len([p for p in row if p >= 0])     # short batch: k × its mean
       row = [p for p in row if p >= 0]
-      loss = a[:, row].sum(1) * loss + b[:, row].sum(1)
+      loss = scale * a[:, row].sum(1) * loss + scale * b[:, row].sum(1)
     return loss
 
   reference = loop_final(batches)

@@ -50,7 +50,8 @@ def _simulate(a, b, cur, l0, rho=None, gamma=None):
     s = min(t, rho.shape[1] - 1) if rho is not None else None
     r = rho[:, s] if rho is not None else 0.0
     g = gamma[:, s] if gamma is not None else 0.0
-    out.append((a[:, pos].sum(1) + r) * out[-1] + b[:, pos].sum(1) + g)
+    scale = len(row) / max(pos.size, 1)     # a short batch: k × the mean of its examples
+    out.append((scale * a[:, pos].sum(1) + r) * out[-1] + scale * b[:, pos].sum(1) + g)
   return np.stack(out)
 
 

@@ -30,17 +30,17 @@ class Run:  # duck-typed RunTrace
 
 def _problem(*, batch, n=9, m=5, runs=4, steps=20, seed=0, dtype=np.float64,
              nan_frac=0.1):
-  """Random traces; batch is an int or "ragged" (k=4 with -1 pads and duplicates)."""
+  """Random traces; batch is an int or "ragged": runs of batch sizes 4, 3, 2 (so the fit's
+  width-4 batches hold -1 pads; every row is full for its own run — a short batch is not a
+  regression row) with duplicates in a batch."""
   rng = np.random.default_rng(seed)
   train_ids = rng.permutation(n) * 11 + 3           # ids are not positions
   test_ids = np.arange(m) * 5 + 1
   out = []
   for r in range(runs):
-    k = 4 if batch == "ragged" else batch
+    k = (4, 3, 2)[r % 3] if batch == "ragged" else batch
     cur = train_ids[rng.integers(0, n, size=(steps, k))]
     if batch == "ragged":
-      cur[rng.random((steps, k)) < 0.3] = -1
-      cur[:, 0] = train_ids[rng.integers(0, n, size=steps)]     # ≥ 1 example per step
       cur[::5, 1] = cur[::5, 0]                                  # duplicates in a batch
     losses = np.exp(-np.linspace(0, 1.5, steps + 1))[:, None] * rng.uniform(1, 3, m)
     losses = losses + 0.05 * rng.standard_normal(losses.shape)

@@ -13,7 +13,8 @@ RTOL = {np.float64: 1e-12, np.float32: 1e-4}
 
 
 def loop_rollout(a, b, kind, batches, l0, step_mask=None):
-  """Eq. 1 by a python loop in float64, one scalar at a time."""
+  """Eq. 1 by a python loop in float64, one scalar at a time; a batch with pads is k × the
+  mean of its examples (rollout's short-batch rule)."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   m = a.shape[0]
   out = [np.asarray(l0, np.float64).copy()]
@@ -24,9 +25,10 @@ def loop_rollout(a, b, kind, batches, l0, step_mask=None):
       out.append(prev.copy())
       continue
     new = np.empty(m)
+    scale = len(row) / len(ids)          # a short batch: k × the mean of its examples
     for z in range(m):
-      alpha = 1.0 if kind == "additive" else sum(a[z, i] for i in ids)
-      beta = 0.0 if kind == "multiplicative" else sum(b[z, i] for i in ids)
+      alpha = 1.0 if kind == "additive" else scale * sum(a[z, i] for i in ids)
+      beta = 0.0 if kind == "multiplicative" else scale * sum(b[z, i] for i in ids)
       new[z] = alpha * prev[z] + beta
     out.append(new)
   return np.stack(out)
@@ -75,19 +77,19 @@ def test_hand_computed_linear_with_pads_and_repeats():
   # step 1: α = 0.9, β = 1   -> 10
   # step 2: α = 1.2, β = 4   -> 16
   # step 3: all pads: identity -> 16
-  # step 4: α = 0.3, β = -1  -> 3.8
+  # step 4: a short batch, k × its mean: α = 2·0.3, β = 2·(−1)  -> 7.6
   with jax.enable_x64(True):
     traj = rollout_lib.rollout(a, b, kind="linear", batches=batches,
                                initial_losses=np.array([10.0]))
-    np.testing.assert_allclose(np.asarray(traj)[:, 0], [10.0, 10.0, 16.0, 16.0, 3.8],
+    np.testing.assert_allclose(np.asarray(traj)[:, 0], [10.0, 10.0, 16.0, 16.0, 7.6],
                                rtol=1e-14)
     add = rollout_lib.rollout(a, b, kind="additive", batches=batches,
                               initial_losses=np.array([10.0]))
-    np.testing.assert_allclose(np.asarray(add)[:, 0], [10.0, 11.0, 15.0, 15.0, 14.0],
+    np.testing.assert_allclose(np.asarray(add)[:, 0], [10.0, 11.0, 15.0, 15.0, 13.0],
                                rtol=1e-14)
     mul = rollout_lib.rollout(a, b, kind="multiplicative", batches=batches,
                               initial_losses=np.array([10.0]))
-    np.testing.assert_allclose(np.asarray(mul)[:, 0], [10.0, 9.0, 10.8, 10.8, 3.24],
+    np.testing.assert_allclose(np.asarray(mul)[:, 0], [10.0, 9.0, 10.8, 10.8, 6.48],
                                rtol=1e-14)
 
 

@@ -34,9 +34,10 @@ def _planted(seed=0):
 def _loop_rollout(a, b, kind, positions, l0):
   out = [np.asarray(l0, np.float64)]
   for row in positions:
-    alpha = np.ones(a.shape[0]) if kind == "additive" else sum(
+    scale = len(row) / sum(1 for p in row if p >= 0)      # short batch: k × its mean
+    alpha = np.ones(a.shape[0]) if kind == "additive" else scale * sum(
         a[:, p] for p in row if p >= 0)
-    beta = np.zeros(a.shape[0]) if kind == "multiplicative" else sum(
+    beta = np.zeros(a.shape[0]) if kind == "multiplicative" else scale * sum(
         b[:, p] for p in row if p >= 0)
     out.append(alpha * out[-1] + beta)
   return np.stack(out)
