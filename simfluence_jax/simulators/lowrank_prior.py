@@ -33,7 +33,7 @@ from simfluence_jax.simulators import ridge
 from simfluence_jax.simulators.terms import Solution, Terms
 
 # (λ_A, λ_B) candidates; additive fits B alone (λ_B), multiplicative A alone (λ_A).
-LAM_A_GRID = (0.1, 10.0, 1e3, 1e5)
+LAM_A_GRID = (1e-3, 0.1, 10.0, 1e3, 1e5)
 LAM_B_GRID = (1e-3, 0.1, 10.0, 1e3, 1e5, 1e7)
 PASSES = 1
 
