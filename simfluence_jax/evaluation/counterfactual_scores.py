@@ -128,7 +128,8 @@ def summarize(p: Pairs) -> dict:
 def score_method(predict: Predictor, edited: Sequence[RunTrace],
                  bases: Mapping[str, RunTrace], test_answers: Mapping[int, str],
                  kind_of: Callable[[RunTrace], str], raw: dict | None = None) -> dict:
-  """{"overall", "overall_all_steps", "kinds": {kind: summary}, "datamodeling"} of one method.
+  """{"overall", "kinds": {kind: summary}, "overall_all_steps", "kinds_all_steps",
+  "datamodeling"} of one method (the *_all_steps ones score the mean Δ over recorded steps).
 
   edited: the retrained edited runs; each names its base in metadata["counterfactual"]
   ["base_run"], which must be in `bases` (a KeyError names the run otherwise).
@@ -144,7 +145,7 @@ def score_method(predict: Predictor, edited: Sequence[RunTrace],
     return cache[run.run_id]
 
   rows: dict[str, list] = {}
-  rows_all: list = []
+  rows_all: dict[str, list] = {}
   trajs: dict[str, list] = {}
   for e_idx, run in enumerate(edited):
     base_id = run.metadata["counterfactual"]["base_run"]
@@ -162,8 +163,9 @@ def score_method(predict: Predictor, edited: Sequence[RunTrace],
     trajs.setdefault(kind_of(run), []).append(
         (mean_delta_trajectory(run.losses, base.losses),
          mean_delta_trajectory(pred(run), pred(base))))
-    rows_all.append((idx, groups, all_steps_delta(run.losses, base.losses),
-                     all_steps_delta(pred(run), pred(base))))
+    rows_all.setdefault(kind_of(run), []).append(
+        (idx, groups, all_steps_delta(run.losses, base.losses),
+         all_steps_delta(pred(run), pred(base))))
 
   def pairs(parts):
     return Pairs(*(np.concatenate([p[j] for p in parts]) for j in range(4)))
@@ -171,8 +173,10 @@ def score_method(predict: Predictor, edited: Sequence[RunTrace],
   everything = [p for v in rows.values() for p in v]
   out["overall"] = summarize(pairs(everything)) if everything else summarize(
       Pairs(*(np.zeros(0),) * 4))
-  out["overall_all_steps"] = (summarize(pairs(rows_all)) if rows_all
+  every_step = [p for v in rows_all.values() for p in v]
+  out["overall_all_steps"] = (summarize(pairs(every_step)) if every_step
                               else summarize(Pairs(*(np.zeros(0),) * 4)))
+  out["kinds_all_steps"] = {k: summarize(pairs(v)) for k, v in sorted(rows_all.items())}
   if raw is not None:
     raw["kind"] = np.asarray([k for k, v in sorted(rows.items()) for p in v
                               for _ in range(p[2].size)])

@@ -79,6 +79,10 @@ def test_score_method_on_runs_by_hand():
                              atol=1e-6)                       # kinds in sorted order
   np.testing.assert_allclose(raw["sim"], 2 * raw["obs"], atol=1e-6)
   assert raw["kind"].tolist() == ["remove"] * 3 + ["reverse"] * 3
+  # over all steps (one step here): the same Δ, per kind too
+  assert twice["kinds_all_steps"]["remove"]["pearson"] == pytest.approx(1.0)
+  assert exact["kinds_all_steps"]["reverse"]["mean_obs"] == pytest.approx(
+      float(np.mean(e2.losses[1] - base.losses[1])))
   with pytest.raises(KeyError, match="base run 'b' is not loaded"):
     cs.score_method(lambda r: r.losses, [e1], {}, answers, cs.kind_of_run)
 
