@@ -28,7 +28,6 @@ import dataclasses
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
-from scipy import stats
 
 from simfluence_jax.traces.contract import RunTrace
 from simfluence_jax.yardstick import metrics
@@ -86,12 +85,6 @@ def _pearson(x, y) -> float:
   return float(np.corrcoef(x, y)[0, 1])
 
 
-def _spearman(x, y) -> float:
-  if x.size < 2 or np.std(x) == 0 or np.std(y) == 0:
-    return float("nan")
-  return float(stats.spearmanr(x, y)[0])
-
-
 def summarize(p: Pairs) -> dict:
   """The SCORE_KEYS of a set of pairs (non-finite pairs dropped), plus `by_answer` and
   `sign_of_mean` (True when mean Δ_sim has the sign of mean Δ_obs overall and in every
@@ -109,7 +102,7 @@ def summarize(p: Pairs) -> dict:
     ws[sel] -= sim[sel].mean()
   nz = obs != 0
   out.update(pearson=_pearson(obs, sim), pearson_within=_pearson(wo, ws),
-             spearman=_spearman(obs, sim),
+             spearman=metrics.spearman(obs, sim),
              sign=float(np.mean(np.sign(sim[nz]) == np.sign(obs[nz]))) if nz.any()
              else float("nan"),
              mean_obs=float(obs.mean()), mean_sim=float(sim.mean()))

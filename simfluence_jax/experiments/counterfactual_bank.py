@@ -113,7 +113,7 @@ def _predictors(workspace, fits, fit_runs) -> dict[str, tuple[str, cf_scores.Pre
         pred = np.asarray(plain(run), np.float64).copy()
         pred[1:] *= sigma
         return pred
-      out[f.name] = (f.label.replace("ground-truth", "fit-run") + " (σ from fit runs)",
+      out[f.name] = (f.label + " (σ from fit runs)",
                      predict)
     else:
       out[f.name] = (f.label, plain)
