@@ -80,6 +80,22 @@ def plan(workspace: str, gin_args: Sequence[str], *, num_runs: int, shards: int,
                   "args": [ws, f"--fit={s}", "--from_split", "--unseen=mean"]} for s in config.simulators])
   if config.study:
     stages.append([{"name": "study", "module": "study", "args": [ws]}])
+  if config.counterfactuals:   # the counterfactual bank (launch/local.py's last stages)
+    def retrain(name, directory, record_every):
+      return [{"name": name, "module": "train", "args": [
+          *gin_args, f"--gin_bindings=run_experiment.curriculum_dir = \"{directory}\"",
+          "--gin_bindings=run_experiment.explicit_only = True",
+          f"--gin_bindings=run_experiment.record_every = {record_every}"]}]
+    cf_dir = f"{workspace}/counterfactuals"
+    stages.append([{"name": "bench_write", "module": "counterfactuals",
+                    "args": [ws, "--write=bench", *gin_args]}])
+    stages.append(retrain("bench_train", f"{cf_dir}/bench", config.bench_record_every))
+    if ([m for m in config.removal_test_methods if m in config.simulators]
+        and config.removal_test_targets > 0):
+      stages.append([{"name": "removal_test_write", "module": "counterfactuals",
+                      "args": [ws, "--write=removal_test", *gin_args]}])
+      stages.append(retrain("removal_test_train", f"{cf_dir}/removal_test", 1))
+    stages.append([{"name": "counterfactuals", "module": "counterfactuals", "args": [ws]}])
   stages.append([{"name": "report", "module": "report", "args": [ws]}])
   return stages
 

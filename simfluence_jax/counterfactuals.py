@@ -11,6 +11,11 @@ each edited run and its base from their own L_0; the simulated vs observed Δ = 
 (final loss, and over all steps) is summarised per kind and overall (Pearson, within answer
 groups, Spearman, sign, mean Δ; datamodeling score on "half_subset" runs) — see
 evaluation/counterfactual_scores.py and WORKSPACE.md for scores.json.
+
+  python -m simfluence_jax.counterfactuals --workspace=W --write=bench|removal_test \
+      --gin_file=experiments/quickstart.gin
+writes the bank's curriculum files instead (the experiment's `pipeline.*` settings), for a
+train job with --gin.run_experiment.curriculum_dir (launch/xm_launch.py plans it this way).
 """
 
 from __future__ import annotations
@@ -29,11 +34,29 @@ _FITS = flags.DEFINE_list("fits", None, "Fits to score (default: every evaluated
                           "experiment.json).")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write scores.json (default: "
                               "<workspace>/counterfactuals/scores.json).")
+_WRITE = flags.DEFINE_enum("write", None, ["bench", "removal_test"],
+                           "Write the bench's (after split) or the removal test's (after "
+                           "fit) curriculum files from the gin pipeline settings; no scoring.")
+
+
+def _write(kind: str) -> None:
+  config = gin_utils.pipeline_config()
+  if kind == "bench":
+    files = counterfactual_bank.make_bench(_WORKSPACE.value, config.bench_spec())
+  else:
+    methods = [m for m in config.removal_test_methods if m in config.simulators]
+    files = counterfactual_bank.make_removal_test(
+        _WORKSPACE.value, methods=methods, num_targets=config.removal_test_targets,
+        k=config.removal_test_k, seed=config.bench_seed) if methods else []
+  print(json.dumps({"write": kind, "files": len(files)}))
 
 
 def main(argv):
   del argv
-  gin_utils.parse_gin_flags()
+  gin_utils.parse_gin_flags(skip_unknown=True)
+  if _WRITE.value:
+    _write(_WRITE.value)
+    return
   result = counterfactual_bank.score_workspace(
       _WORKSPACE.value, run_ids=_RUNS.value, fit_names=_FITS.value, write=_OUTPUT.value is None)
   if _OUTPUT.value is not None:
@@ -46,5 +69,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  gin_utils.register_pipeline_config()
   gin_utils.define_flags()
   gin_utils.run(main, "simfluence_jax.counterfactuals")

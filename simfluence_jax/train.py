@@ -147,6 +147,8 @@ def run_experiment(
     input_length: int = 64,
     target_length: int = 16,
     curriculum_files: Sequence[str] = (),
+    curriculum_dir: str | None = None,
+    explicit_only: bool = False,
     run_ids: Sequence[str] | None = None,
     pretrained_dir: str | None = None,
     checkpoint_every: int = 0,
@@ -157,6 +159,10 @@ def run_experiment(
 
   checkpoint_every: steps between resume checkpoints (group state + per-run params); 0 = none.
   num_tracin_checkpoints: per-run checkpoints at this many evenly spaced steps (incl. final).
+  curriculum_dir: every curriculum file (*.json but bench.json / manifest.json) of this
+    directory, in name order, after `curriculum_files` — for jobs planned before the files
+    exist (launch/xm_launch.py's counterfactual bank).
+  explicit_only: train only the explicit curricula, not the experiment's sampled runs.
   run_ids: train only these runs of the experiment (to split it across jobs).
   pretrained_dir: defaults to <workspace>/pretrained (written by simfluence_jax.pretrain).
   record_every: record the test losses after every `record_every`-th step and after each
@@ -175,7 +181,16 @@ def run_experiment(
   pool_ids = np.asarray([e.id for e in pools.train], np.int64)
   runs = curricula.sample_curricula(pool_ids, num_runs=num_runs, subset_size=subset_size,
                                     epochs=epochs, batch_size=batch_size, seed=seed)
-  runs = list(runs) + explicit_curricula(curriculum_files, pool_ids)
+  if curriculum_dir is not None:
+    found = sorted(p for p in pathlib.Path(curriculum_dir).glob("*.json")
+                   if p.name not in ("bench.json", "manifest.json"))
+    if not found:
+      raise ValueError(f"curriculum_dir {curriculum_dir}: no curriculum files (*.json)")
+    curriculum_files = list(curriculum_files) + [str(p) for p in found]
+  explicit = explicit_curricula(curriculum_files, pool_ids)
+  if explicit_only and not explicit:
+    raise ValueError("explicit_only needs curriculum_files or a curriculum_dir")
+  runs = explicit if explicit_only else list(runs) + explicit
   if run_ids is not None:
     unknown = sorted(set(run_ids) - {c.run_id for c in runs})
     if unknown:
@@ -216,7 +231,8 @@ def run_experiment(
 
   ckpt_dir = ws / "checkpoints"
   ids = [c.run_id for c in runs]
-  group = "all" if run_ids is None else hashlib.sha1(",".join(ids).encode()).hexdigest()[:10]
+  group = ("all" if run_ids is None and not explicit_only
+           else hashlib.sha1(",".join(ids).encode()).hexdigest()[:10])
   meta = {"task": task, "tuning": tuning, "optimizer": optimizer,
           "learning_rate": learning_rate, "seed": seed,
           "model_config": dataclasses.asdict(model_config),

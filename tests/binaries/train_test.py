@@ -165,3 +165,37 @@ def test_explicit_curriculum_files_become_runs_padded_to_the_group(tmp_path):
   path.write_text(json.dumps([[99, 10]]))
   with pytest.raises(ValueError, match=r"ids \[99\] are not in the task's train pool"):
     train.explicit_curricula([str(path)], np.arange(10, 20))
+
+
+def test_curriculum_dir_explicit_only_and_sparse_recording(tmp_path, pretrained, trained):
+  # The counterfactual bank's training mode: only the curricula of a directory, test losses
+  # recorded every 3rd step and at each run's last; the recorded values are those of the
+  # same runs recorded at every step.
+  ws, _ = trained
+  base = traces.read_run(ws, "run_000")
+  cur = np.asarray(base.curriculum)
+  removed = int(cur[0, 0])
+  edits = {"rev": cur[::-1], "masked": np.where(cur == removed, -1, cur)}
+  edits["masked"] = np.stack([np.r_[row[row >= 0], row[row < 0]] for row in edits["masked"]])
+  cdir = tmp_path / "curricula"
+  cdir.mkdir()
+  for name, batches in edits.items():
+    (cdir / f"{name}.json").write_text(json.dumps({
+        "batches": batches.tolist(),
+        "metadata": {"counterfactual": {"base_run": "run_000", "kind": name}}}))
+  (cdir / "manifest.json").write_text("[]")                    # not a curriculum
+  common = [f'--gin.run_experiment.curriculum_dir="{cdir}"',
+            "--gin.run_experiment.explicit_only=True", *TRAIN_FLAGS]
+  sparse, full = tmp_path / "sparse", tmp_path / "full"
+  _run("train", sparse, pretrained[0], tmp_path, *common, "--gin.run_experiment.record_every=3")
+  _run("train", full, pretrained[0], tmp_path, *common)
+  assert traces.list_runs(sparse) == ["explicit_masked", "explicit_rev"]
+  for run_id in ("explicit_masked", "explicit_rev"):
+    s, f = traces.read_run(sparse, run_id), traces.read_run(full, run_id)
+    steps = s.losses.shape[0] - 1
+    recorded = [t for t in range(steps + 1) if np.isfinite(s.losses[t]).all()]
+    assert recorded == sorted({0, steps, *range(3, steps + 1, 3)}), recorded
+    assert np.isnan(s.losses[[t for t in range(steps + 1) if t not in recorded]]).all()
+    np.testing.assert_allclose(s.losses[recorded], f.losses[recorded], rtol=0, atol=1e-5)
+    assert s.metadata["record_every"] == 3 and "record_every" not in f.metadata
+    assert s.metadata["counterfactual"]["base_run"] == "run_000"

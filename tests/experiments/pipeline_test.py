@@ -91,6 +91,16 @@ def test_xm_launch_dry_run_plans_the_same_stages(tmp_path):
       "multiplicative_paper", "tracin_cp", "influence", "source", "hypothetical_linear",
       "featurized")]
   assert names[5] == [f"evaluate_{s[4:]}" for s in names[4]]
+  assert names[6] == ["study"]
+  # the counterfactual bank, as launch/local.py runs it: write the curricula, retrain them
+  # (only them, every 8th step recorded), the removal test likewise, then score
+  assert names[7:-1] == [["bench_write"], ["bench_train"], ["removal_test_write"],
+                         ["removal_test_train"], ["counterfactuals"]]
+  bench_train = stages[8][0]["args"]
+  assert f'--gin_bindings=run_experiment.curriculum_dir = "{tmp_path}/counterfactuals/bench"' \
+      in bench_train
+  assert "--gin_bindings=run_experiment.explicit_only = True" in bench_train
+  assert "--gin_bindings=run_experiment.record_every = 8" in bench_train
   assert names[-1] == ["report"]
 
 
