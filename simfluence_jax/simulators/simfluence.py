@@ -213,7 +213,10 @@ def fit(fit_runs: Sequence[RunTrace], *, simulator: str, lam: float | None = Non
     fit_runs: the runs whose transitions form the regression data.
     simulator: a name of SIMULATORS (see parse_simulator). A bare kind ("linear") tries
       every variant of VARIANTS and keeps the one with the lowest validation MSE; without
-      validation runs it is the paper's variant.
+      validation runs it is the paper's variant. A fixed λ (lam, or a one-value lam_grid)
+      leaves the `lowrank` variant out of that choice: its stage 2 validates its own
+      (λ_A, λ_B) grid (lowrank_prior.LAM_A_GRID × LAM_B_GRID) and λ_s anew, with the prior
+      taken from the best `rho_gamma` candidate of each λ_s.
     lam: the L2 weight λ. When None, λ is chosen from `lam_grid` by the mean all-steps MSE
       of rollouts on `val_runs` (which must then be non-empty).
     val_runs: validation runs for choosing λ, λ_step and the variant (never regression data).
