@@ -129,6 +129,16 @@ def numpy_baseline_step_terms(tr, cols, *, lam, lam_step: float, prior=None):
   return out
 
 
+def _solution_errors(sol, ref, cols) -> dict:
+  """{field: max |production − numpy| / max |numpy|} over the sampled test columns."""
+  out = {}
+  for j, name in enumerate(ridge.Solution._fields):
+    got = np.asarray(getattr(sol, name), np.float64)[cols]
+    want = np.stack([r[j] for r in ref])
+    out[name] = float(np.abs(got - want).max() / np.abs(want).max())
+  return out
+
+
 def _time(fn, repeats):
   t0 = time.perf_counter()
   result = jax.block_until_ready(fn())
@@ -178,11 +188,7 @@ def run(size: str, m: int | None, lam: float, repeats: int, sample: int | None,
   t0 = time.perf_counter()
   ref_steps = numpy_baseline_step_terms(tr, cols, lam=lam, lam_step=lam_step)
   steps_baseline = (time.perf_counter() - t0) / len(cols)
-  steps_err = {}
-  for j, name in enumerate(ridge.Solution._fields):
-    got = np.asarray(getattr(sol, name), np.float64)[cols]
-    want = np.stack([r[j] for r in ref_steps])
-    steps_err[name] = float(np.abs(got - want).max() / np.abs(want).max())
+  steps_err = _solution_errors(sol, ref_steps, cols)
   # numpy stage 2: the same prior (SVD of the production stage 1, timed once in numpy over
   # all m, as a numpy pipeline would), then per-example dense solves.
   t0 = time.perf_counter()
@@ -192,11 +198,7 @@ def run(size: str, m: int | None, lam: float, repeats: int, sample: int | None,
   t0 = time.perf_counter()
   ref_eb = numpy_baseline_step_terms(tr, cols, lam=pair, lam_step=lam_step, prior=prior)
   eb_baseline = (time.perf_counter() - t0) / len(cols)
-  eb_err = {}
-  for j, name in enumerate(ridge.Solution._fields):
-    got = np.asarray(getattr(eb, name), np.float64)[cols]
-    want = np.stack([r[j] for r in ref_eb])
-    eb_err[name] = float(np.abs(got - want).max() / np.abs(want).max())
+  eb_err = _solution_errors(eb, ref_eb, cols)
   lowrank_total = steps_seconds + eb_seconds
   lowrank_baseline = (steps_baseline + eb_baseline) * m + svd_seconds
   return {

@@ -1,6 +1,6 @@
-"""Planted Simfluence-Linear traces shared by the featurized / data-efficiency tests.
-
-A known simulator (A, B) generates every run, so a fit can be judged against the truth.
+"""Traces shared by several tests: planted Simfluence-Linear runs (a known simulator (A, B)
+generates every run, so a fit can be judged against the truth) and random decaying runs
+(for solver-vs-reference comparisons).
 """
 
 import numpy as np
@@ -35,5 +35,21 @@ def linear_runs(a, b, *, train_ids, test_ids, num_runs, steps, batch, sigma, see
                        + sigma * rng.standard_normal(m))
     out.append(RunTrace(run_id=f"{prefix}{r}", train_ids=train_ids[:pool], test_ids=test_ids,
                         batch_size=batch, curriculum=train_ids[pos].astype(np.int32),
+                        losses=losses.astype(np.float32), metadata={}))
+  return out
+
+
+def random_runs(*, n=12, m=7, runs=6, steps=10, k=3, seed=0, lengths=None) -> list[RunTrace]:
+  """Random decaying traces with per-run noise (no planted model); run r has lengths[r]
+  steps if given; train ids 0..n-1, test ids 0..m-1, batches of k drawn with repeats."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for r in range(runs):
+    t = steps if lengths is None else lengths[r]
+    cur = rng.integers(0, n, size=(t, k)).astype(np.int32)
+    losses = (np.linspace(3, 1, t + 1)[:, None] * rng.uniform(0.8, 1.2, m)
+              + 0.3 * np.abs(rng.normal(size=(t + 1, m))))
+    out.append(RunTrace(run_id=f"r{r}", train_ids=np.arange(n, dtype=np.int64),
+                        test_ids=np.arange(m, dtype=np.int64), batch_size=k, curriculum=cur,
                         losses=losses.astype(np.float32), metadata={}))
   return out

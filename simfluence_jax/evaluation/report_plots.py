@@ -39,6 +39,26 @@ def _title(text: str, width: int = 42, lines: int = 2) -> str:
   return "\n".join(textwrap.wrap(text, width)[:lines]) or "(no text)"
 
 
+def _grid(n: int, max_cols: int, width: float, height: float):
+  """(fig, axes [rows, cols]) for n panels, the unused ones blanked."""
+  ncols = min(max_cols, n)
+  nrows = int(np.ceil(n / ncols))
+  fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows),
+                           squeeze=False)
+  for ax in list(axes.flat)[n:]:
+    ax.axis("off")
+  return fig, axes
+
+
+def _shared_legend(fig, axes, per_row: int, offset: float, step: float, bottom: float):
+  """One legend (the first panel's entries) under the grid, `per_row` entries a row."""
+  handles, labels = axes.flat[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=min(per_row, len(labels)),
+             bbox_to_anchor=(0.5, offset - step * ((len(labels) - 1) // per_row)),
+             frameon=False)
+  fig.tight_layout(rect=(0, bottom, 1, 1))
+
+
 def _frame(ax, observed: np.ndarray) -> None:
   """y from min(0, observed) to 2x the observed maximum: off-scale simulators are clipped."""
   observed = observed[np.isfinite(observed)]
@@ -55,10 +75,7 @@ def trajectories(true: np.ndarray, preds: Mapping[str, np.ndarray], columns: Seq
   leaves that frame (e.g. unscaled influence functions) is clipped, not allowed to flatten
   every other curve.
   """
-  n = len(columns)
-  ncols = min(3, n)
-  nrows = int(np.ceil(n / ncols))
-  fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.6 * nrows), squeeze=False)
+  fig, axes = _grid(len(columns), 3, 3.6, 2.6)
   steps = np.arange(true.shape[0])
   for ax, col, title in zip(axes.flat, columns, titles):
     ax.plot(steps, true[:, col], color=TRUE_COLOR, lw=2.2, label="observed")
@@ -68,22 +85,14 @@ def trajectories(true: np.ndarray, preds: Mapping[str, np.ndarray], columns: Seq
     ax.set_title(_title(title))
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-  for ax in list(axes.flat)[n:]:
-    ax.axis("off")
-  handles, labels = axes.flat[0].get_legend_handles_labels()
-  fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)),
-             bbox_to_anchor=(0.5, -0.02 - 0.03 * ((len(labels) - 1) // 5)), frameon=False)
-  fig.tight_layout(rect=(0, 0.06, 1, 1))
+  _shared_legend(fig, axes, 5, -0.02, 0.03, 0.06)
   return _png(fig)
 
 
 def final_loss_scatter(points: Mapping[str, tuple[np.ndarray, np.ndarray, float]],
                        colors: Mapping[str, str]) -> bytes:
   """Predicted vs observed final losses, one panel per method; label -> (true, pred, rho)."""
-  n = len(points)
-  ncols = min(4, n)
-  nrows = int(np.ceil(n / ncols))
-  fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 3.0 * nrows), squeeze=False)
+  fig, axes = _grid(len(points), 4, 3.0, 3.0)
   for ax, (label, (true, pred, rho)) in zip(axes.flat, points.items()):
     ok = np.isfinite(true) & np.isfinite(pred)
     ax.scatter(true[ok], pred[ok], s=9, alpha=0.6, color=colors[label],
@@ -95,40 +104,7 @@ def final_loss_scatter(points: Mapping[str, tuple[np.ndarray, np.ndarray, float]
     ax.set_xlabel("observed final loss")
     ax.set_ylabel("simulated final loss")
     ax.legend(loc="upper left", frameon=False)
-  for ax in list(axes.flat)[n:]:
-    ax.axis("off")
   fig.tight_layout()
-  return _png(fig)
-
-
-def counterfactual(real: np.ndarray, base_real: np.ndarray | None,
-                   sims: Mapping[str, np.ndarray], colors: Mapping[str, str],
-                   titles: Sequence[str]) -> bytes:
-  """Real retraining vs simulations under an edited curriculum.
-
-  real: [T+1, p] observed curves to show (p panels: e.g. mean over test examples, the
-  targeted test example); base_real: [T0+1, p] the base run's observed curves (grey) or None;
-  sims: label -> [T+1, p].
-  """
-  p = real.shape[1]
-  fig, axes = plt.subplots(1, p, figsize=(4.2 * p, 2.8), squeeze=False)
-  for j, ax in enumerate(axes.flat):
-    if base_real is not None:
-      ax.plot(np.arange(base_real.shape[0]), base_real[:, j], color="#aaaaaa", lw=1.5,
-              label="base run (observed)")
-    ax.plot(np.arange(real.shape[0]), real[:, j], color=TRUE_COLOR, lw=2.2,
-            label="counterfactual run (observed)")
-    for label, sim in sims.items():
-      ax.plot(np.arange(sim.shape[0]), sim[:, j], color=colors[label], lw=1.3, ls="--",
-              label=f"{label} (simulated)")
-    _frame(ax, real[:, j])
-    ax.set_title(_title(titles[j], 50))
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-  handles, labels = axes.flat[0].get_legend_handles_labels()
-  fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)),
-             bbox_to_anchor=(0.5, -0.04 - 0.05 * ((len(labels) - 1) // 3)), frameon=False)
-  fig.tight_layout(rect=(0, 0.08, 1, 1))
   return _png(fig)
 
 
@@ -137,10 +113,7 @@ def delta_scatter(points: Mapping[str, tuple[np.ndarray, np.ndarray, str]],
   """Simulated vs observed Δ final loss (edited − base), one panel per method;
   label -> (observed [N], simulated [N], legend text). At most `max_points` per panel (a
   fixed subsample, the same pairs in every panel)."""
-  n = len(points)
-  ncols = min(4, n)
-  nrows = int(np.ceil(n / ncols))
-  fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 3.0 * nrows), squeeze=False)
+  fig, axes = _grid(len(points), 4, 3.0, 3.0)
   for ax, (label, (obs, sim, text)) in zip(axes.flat, points.items()):
     idx = np.arange(obs.size)
     if obs.size > max_points:
@@ -156,8 +129,6 @@ def delta_scatter(points: Mapping[str, tuple[np.ndarray, np.ndarray, str]],
     ax.set_xlabel("observed Δ final loss")
     ax.set_ylabel("simulated Δ")
     ax.legend(loc="upper left", frameon=False)
-  for ax in list(axes.flat)[n:]:
-    ax.axis("off")
   fig.tight_layout()
   return _png(fig)
 
@@ -166,10 +137,7 @@ def delta_trajectories(kinds: Mapping[str, tuple[np.ndarray, Mapping[str, np.nda
                        colors: Mapping[str, str]) -> bytes:
   """Mean Δ_t = edited − base per step, observed (black dots: recorded steps) vs simulated
   (lines), one panel per edit kind; kind -> (observed [T], {label: simulated [T]})."""
-  n = len(kinds)
-  ncols = min(4, n)
-  nrows = int(np.ceil(n / ncols))
-  fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows), squeeze=False)
+  fig, axes = _grid(len(kinds), 4, 3.2, 2.6)
   for ax, (kind, (obs, sims)) in zip(axes.flat, kinds.items()):
     ax.axhline(0, color="#cccccc", lw=0.8)
     for label, sim in sims.items():
@@ -181,10 +149,5 @@ def delta_trajectories(kinds: Mapping[str, tuple[np.ndarray, Mapping[str, np.nda
     ax.set_title(_title(kind, 40, 1))
     ax.set_xlabel("step")
     ax.set_ylabel("mean Δ loss")
-  for ax in list(axes.flat)[n:]:
-    ax.axis("off")
-  handles, labels = axes.flat[0].get_legend_handles_labels()
-  fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)),
-             bbox_to_anchor=(0.5, -0.03 - 0.04 * ((len(labels) - 1) // 3)), frameon=False)
-  fig.tight_layout(rect=(0, 0.06, 1, 1))
+  _shared_legend(fig, axes, 3, -0.03, 0.04, 0.06)
   return _png(fig)

@@ -341,7 +341,9 @@ def _cell(v, digits=2):
 
 
 def _counterfactual_section(page, workspace, colors):
-  """5. The counterfactual bank: every method on the change it predicts (scores.json)."""
+  """5. The counterfactual bank: every method on the change it predicts (scores.json).
+
+  colors: fit name -> the fit's color in the other figures."""
   page.heading("5. Counterfactual bank: the change each method predicts, vs retraining")
   scores = _read_json(workspace / CF_DIR / "scores.json")
   if not scores or not scores.get("methods"):
@@ -407,7 +409,9 @@ def _counterfactual_section(page, workspace, colors):
         o = methods[name].get("overall", {})
         points[labels[name]] = (obs, sim, f"r = {_cell(o.get('pearson'))}, within "
                                            f"{_cell(o.get('pearson_within'))}")
-    cmap = {**report_plots.color_for(list(points)), **colors}
+    # the fits keep their colors of the other figures; the baselines are greys
+    greys = {"mean_trajectory": "#555555", "initial_loss": "#aaaaaa"}
+    cmap = {labels[n]: greys.get(n) or colors.get(n, "#888888") for n in methods}
     if points:
       page.figure(report_plots.delta_scatter(points, cmap), "counterfactual_scatter.png",
                   "Simulated vs observed Δ final loss, every (edit, test example) pair "
@@ -504,7 +508,7 @@ def write_report(workspace, output_dir=None) -> dict:
   simfluence = [f for f in fits if not f.rescaled] or fits
   best = min(simfluence, key=lambda f: np.nan_to_num(f.metrics["mse"]["mean"], nan=np.inf))
   _attribution_section(page, best, heldout_runs[0], cols, train_examples, test_examples)
-  _counterfactual_section(page, workspace, colors)
+  _counterfactual_section(page, workspace, {f.name: colors[f.label] for f in fits})
   _quality_section(page, fits)
   _study_section(page, workspace)
 

@@ -13,6 +13,7 @@ from simfluence_jax.simulators import lowrank_prior
 from simfluence_jax.simulators import ridge
 from simfluence_jax.simulators import simfluence as simulators
 from simfluence_jax.traces.contract import RunTrace
+from tests import planted_traces
 
 KINDS = ("linear", "additive", "multiplicative")
 TERMS = {
@@ -22,18 +23,7 @@ TERMS = {
 }
 
 
-def _runs(*, n=12, m=7, runs=6, steps=10, k=3, seed=0, lengths=None):
-  rng = np.random.default_rng(seed)
-  out = []
-  for r in range(runs):
-    t = steps if lengths is None else lengths[r]
-    cur = rng.integers(0, n, size=(t, k)).astype(np.int32)
-    losses = (np.linspace(3, 1, t + 1)[:, None] * rng.uniform(0.8, 1.2, m)
-              + 0.3 * np.abs(rng.normal(size=(t + 1, m))))
-    out.append(RunTrace(run_id=f"r{r}", train_ids=np.arange(n, dtype=np.int64),
-                        test_ids=np.arange(m, dtype=np.int64), batch_size=k, curriculum=cur,
-                        losses=losses.astype(np.float32), metadata={}))
-  return out
+_runs = planted_traces.random_runs
 
 
 def _transitions(runs, dtype, n=12, m=7):
