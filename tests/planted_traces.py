@@ -3,8 +3,11 @@ generates every run, so a fit can be judged against the truth) and random decayi
 (for solver-vs-reference comparisons).
 """
 
+import dataclasses
+
 import numpy as np
 
+from simfluence_jax.simulators import design
 from simfluence_jax.traces.contract import RunTrace
 
 
@@ -53,3 +56,18 @@ def random_runs(*, n=12, m=7, runs=6, steps=10, k=3, seed=0, lengths=None) -> li
                         test_ids=np.arange(m, dtype=np.int64), batch_size=k, curriculum=cur,
                         losses=losses.astype(np.float32), metadata={}))
   return out
+
+
+def transitions(runs, dtype, n=12, m=7):
+  """design.build_transitions of `random_runs` (train / test ids 0..n-1 / 0..m-1), its
+  losses and mask cast to `dtype` (the precision a solver then computes in)."""
+  tr = design.build_transitions(runs, train_ids=np.arange(n), test_ids=np.arange(m))
+  cast = lambda a: np.asarray(a, dtype)
+  return dataclasses.replace(tr, prev=cast(tr.prev), target=cast(tr.target),
+                             mask=cast(tr.mask))
+
+
+def rel_err(got, want) -> float:
+  """max |got − want| relative to the largest |want| (float64)."""
+  return float(np.abs(np.asarray(got, np.float64) - want).max()
+               / max(np.abs(want).max(), 1e-300))

@@ -2,7 +2,6 @@
 production PCG against the dense float64 reference (float64 and float32), the λ → ∞ limit,
 SVD truncation by hand, planted rank-1 structure, and how fit chooses and records it."""
 
-import dataclasses
 
 import jax
 import numpy as np
@@ -26,16 +25,8 @@ TERMS = {
 _runs = planted_traces.random_runs
 
 
-def _transitions(runs, dtype, n=12, m=7):
-  tr = design.build_transitions(runs, train_ids=np.arange(n), test_ids=np.arange(m))
-  cast = lambda a: np.asarray(a, dtype)
-  return dataclasses.replace(tr, prev=cast(tr.prev), target=cast(tr.target),
-                             mask=cast(tr.mask))
-
-
-def _rel(got, want):
-  return float(np.abs(np.asarray(got, np.float64) - want).max()
-               / max(np.abs(want).max(), 1e-300))
+_transitions = planted_traces.transitions
+_rel = planted_traces.rel_err
 
 
 @pytest.mark.parametrize("kind", KINDS)

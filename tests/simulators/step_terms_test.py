@@ -29,16 +29,8 @@ TERMS = {
 _runs = planted_traces.random_runs
 
 
-def _transitions(runs, dtype):
-  tr = design.build_transitions(runs, train_ids=np.arange(12), test_ids=np.arange(7))
-  cast = lambda a: np.asarray(a, dtype)
-  return dataclasses.replace(tr, prev=cast(tr.prev), target=cast(tr.target),
-                             mask=cast(tr.mask))
-
-
-def _rel(got, want):
-  scale = max(np.abs(want).max(), 1e-300)
-  return float(np.abs(np.asarray(got, np.float64) - want).max() / scale)
+_transitions = planted_traces.transitions
+_rel = planted_traces.rel_err
 
 
 @pytest.mark.parametrize("kind", KINDS)
