@@ -2,7 +2,6 @@
 production PCG against the dense float64 reference (float64 and float32), the λ → ∞ limit,
 SVD truncation by hand, planted rank-1 structure, and how fit chooses and records it."""
 
-
 import jax
 import numpy as np
 import pytest
