@@ -11,6 +11,16 @@ from simfluence_jax.simulators import design
 from simfluence_jax.traces.contract import RunTrace
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:  # the RunTrace attributes design / the solvers read (RunTrace is duck-typed)
+  run_id: str
+  train_ids: np.ndarray
+  test_ids: np.ndarray
+  batch_size: int
+  curriculum: np.ndarray
+  losses: np.ndarray
+
+
 def rank2(m: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """A, B [m, n], each exactly rank 2; α ≈ 0.8 per step at batch size 4."""
   rng = np.random.default_rng(seed)

@@ -31,6 +31,7 @@ import numpy as np
 
 from simfluence_jax.traces.contract import RunTrace
 from simfluence_jax.yardstick import metrics
+from simfluence_jax.yardstick import scoring
 
 Predictor = Callable[[RunTrace], np.ndarray]      # run -> [T+1, m] predicted losses
 SCORE_KEYS = ("pearson", "pearson_within", "spearman", "sign", "mean_obs", "mean_sim", "n")
@@ -191,14 +192,6 @@ def kind_of_run(run: RunTrace) -> str:
 
 
 def sigma_from_runs(predict: Predictor, runs: Sequence[RunTrace]) -> np.ndarray:
-  """Per test example σ = Σ L̂ L / Σ L̂² over the runs' recorded steps t ≥ 1: the paper's §5
-  TracIn-CP rescaling, fitted on given (fit) runs instead of the ground truth. [m]."""
-  num, den = 0.0, 0.0
-  for run in runs:
-    p = np.asarray(predict(run), np.float64)[1:]
-    y = np.asarray(run.losses, np.float64)[1:]
-    ok = np.isfinite(y) & np.isfinite(p)
-    num = num + np.where(ok, p * y, 0.0).sum(0)
-    den = den + np.where(ok, p * p, 0.0).sum(0)
-  den = np.asarray(den)
-  return np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
+  """Per test example σ of the paper's §5 TracIn-CP rescaling (yardstick.scoring
+  .optimal_scale), fitted on given (fit) runs instead of the ground truth. [m]."""
+  return scoring.optimal_scale((predict(run), run.losses) for run in runs)

@@ -89,48 +89,50 @@ def trajectories(true: np.ndarray, preds: Mapping[str, np.ndarray], columns: Seq
   return _png(fig)
 
 
-def final_loss_scatter(points: Mapping[str, tuple[np.ndarray, np.ndarray, float]],
-                       colors: Mapping[str, str]) -> bytes:
-  """Predicted vs observed final losses, one panel per method; label -> (true, pred, rho)."""
+def _scatter_grid(points: Mapping[str, tuple[np.ndarray, np.ndarray, str]],
+                  colors: Mapping[str, str], *, xlabel: str, ylabel: str, size: float,
+                  alpha: float, zero_lines: bool, max_points: int | None = None) -> bytes:
+  """Simulated (y) vs observed (x), one panel per method with the line y = x;
+  label -> (observed, simulated, legend text). At most `max_points` pairs per panel (one
+  fixed subsample, the same pairs in every panel)."""
   fig, axes = _grid(len(points), 4, 3.0, 3.0)
-  for ax, (label, (true, pred, rho)) in zip(axes.flat, points.items()):
-    ok = np.isfinite(true) & np.isfinite(pred)
-    ax.scatter(true[ok], pred[ok], s=9, alpha=0.6, color=colors[label],
-               label=f"Spearman ρ = {rho:.3f}")
-    both = np.concatenate([true[ok], pred[ok]]) if ok.any() else np.array([0.0, 1.0])
+  for ax, (label, (obs, sim, text)) in zip(axes.flat, points.items()):
+    idx = np.arange(obs.size)
+    if max_points is not None and obs.size > max_points:
+      idx = np.random.default_rng(0).choice(obs.size, max_points, replace=False)
+    o, p = obs[idx], sim[idx]
+    ok = np.isfinite(o) & np.isfinite(p)
+    ax.scatter(o[ok], p[ok], s=size, alpha=alpha, color=colors.get(label, "#555555"),
+               label=text)
+    both = np.concatenate([o[ok], p[ok]]) if ok.any() else np.array([-1.0, 1.0])
     lo, hi = float(both.min()), float(both.max())
     ax.plot([lo, hi], [lo, hi], color="#888888", lw=1, label="y = x")
+    if zero_lines:
+      ax.axhline(0, color="#cccccc", lw=0.8)
+      ax.axvline(0, color="#cccccc", lw=0.8)
     ax.set_title(_title(label, 34))
-    ax.set_xlabel("observed final loss")
-    ax.set_ylabel("simulated final loss")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend(loc="upper left", frameon=False)
   fig.tight_layout()
   return _png(fig)
+
+
+def final_loss_scatter(points: Mapping[str, tuple[np.ndarray, np.ndarray, float]],
+                       colors: Mapping[str, str]) -> bytes:
+  """Predicted vs observed final losses, one panel per method; label -> (true, pred, rho)."""
+  return _scatter_grid({k: (t, p, f"Spearman ρ = {rho:.3f}") for k, (t, p, rho)
+                        in points.items()}, colors, xlabel="observed final loss",
+                       ylabel="simulated final loss", size=9, alpha=0.6, zero_lines=False)
 
 
 def delta_scatter(points: Mapping[str, tuple[np.ndarray, np.ndarray, str]],
                   colors: Mapping[str, str], max_points: int = 3000) -> bytes:
   """Simulated vs observed Δ final loss (edited − base), one panel per method;
-  label -> (observed [N], simulated [N], legend text). At most `max_points` per panel (a
-  fixed subsample, the same pairs in every panel)."""
-  fig, axes = _grid(len(points), 4, 3.0, 3.0)
-  for ax, (label, (obs, sim, text)) in zip(axes.flat, points.items()):
-    idx = np.arange(obs.size)
-    if obs.size > max_points:
-      idx = np.random.default_rng(0).choice(obs.size, max_points, replace=False)
-    o, s = obs[idx], sim[idx]
-    ok = np.isfinite(o) & np.isfinite(s)
-    ax.scatter(o[ok], s[ok], s=4, alpha=0.35, color=colors.get(label, "#555555"), label=text)
-    lo, hi = (float(np.min(o[ok])), float(np.max(o[ok]))) if ok.any() else (-1.0, 1.0)
-    ax.plot([lo, hi], [lo, hi], color="#888888", lw=1, label="y = x")
-    ax.axhline(0, color="#cccccc", lw=0.8)
-    ax.axvline(0, color="#cccccc", lw=0.8)
-    ax.set_title(_title(label, 34))
-    ax.set_xlabel("observed Δ final loss")
-    ax.set_ylabel("simulated Δ")
-    ax.legend(loc="upper left", frameon=False)
-  fig.tight_layout()
-  return _png(fig)
+  label -> (observed [N], simulated [N], legend text); at most `max_points` per panel."""
+  return _scatter_grid(points, colors, xlabel="observed Δ final loss",
+                       ylabel="simulated Δ", size=4, alpha=0.35, zero_lines=True,
+                       max_points=max_points)
 
 
 def delta_trajectories(kinds: Mapping[str, tuple[np.ndarray, Mapping[str, np.ndarray]]],

@@ -51,7 +51,6 @@ import re
 import time
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -172,11 +171,7 @@ def evaluate_rescaled(params: FitParams, runs: Sequence[RunTrace],
   preds, sigmas = {}, {}
   for run in runs:
     pred = simulators.simulate_run(params, run).astype(np.float64)
-    true = np.asarray(run.losses, np.float64)
-    ok = np.isfinite(true[1:])
-    p, y = np.where(ok, pred[1:], 0.0), np.where(ok, true[1:], 0.0)
-    den = np.sum(p * p, axis=0)
-    sigma = np.where(den > 0, np.sum(p * y, axis=0) / np.where(den > 0, den, 1.0), 1.0)
+    sigma = scoring.optimal_scale([(pred, run.losses)])
     pred[1:] *= sigma
     preds[run.run_id] = pred.astype(np.float32)
     sigmas[run.run_id] = sigma.tolist()
@@ -373,7 +368,7 @@ def fit(workspace, fit_runs: Sequence[RunTrace], *, simulator: str,
   test_ids = simulators.ordered_test_ids(fit_runs)
   n, m = train_ids.size, test_ids.size
   ckpt_opt = "all" if simulator == "tracin_cp_all" else options.checkpoints
-  a_sum, b_sum = np.zeros((m, n)), np.zeros((m, n))
+  b_sum = np.zeros((m, n))
   diag = {"simulator": simulator, "fit_runs": [r.run_id for r in fit_runs],
           "num_train": int(n), "num_test": int(m), "checkpoints": {}}
   if simulator in ("influence", "source"):

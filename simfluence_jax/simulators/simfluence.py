@@ -280,7 +280,7 @@ def fit(fit_runs: Sequence[RunTrace], *, simulator: str, lam: float | None = Non
                      gamma=np.asarray(sol.gamma, np.float32) if terms.gamma else None,
                      beyond=beyond)
 
-  candidates = []          # (variant, terms, params)
+  candidates = []          # (variant, terms, params, λ_B of a linear lowrank fit or None)
   solve_s = 0.0
   for name in grid_variants:
     template = VARIANTS[name]
@@ -291,17 +291,16 @@ def fit(fit_runs: Sequence[RunTrace], *, simulator: str, lam: float | None = Non
                                          chunk_size=chunk_size)
       jax.block_until_ready(path)
       solve_s += time.perf_counter() - t0
-      candidates += [(name, terms, as_params(sol, lam_value, terms))
+      candidates += [(name, terms, as_params(sol, lam_value, terms), None)
                      for lam_value, sol in zip(lams, path)]
   stage1 = None
-  lam_b: dict[int, float] = {}   # candidate index -> λ_B of a prior_rank candidate (linear)
   for name in eb_variants:   # stage 2: toward a low-rank prior (lowrank_prior.py)
     stage1 = {"variant": LOWRANK_BASE, "passes": lowrank_prior.PASSES,
               "rank": VARIANTS[name].prior_rank, "lam_by_lam_step": {}}
     pairs = lowrank_prior.lam_pairs(kind)
     for ls in step_lams:   # the prior from the best-validated base fit of the same λ_s
-      base = [c for c in candidates if c[0] == LOWRANK_BASE and c[1].lam_step == ls]
-      chosen, _ = select_by_validation([c for _, _, c in base], val_runs)
+      base = [c[2] for c in candidates if c[0] == LOWRANK_BASE and c[1].lam_step == ls]
+      chosen, _ = select_by_validation(base, val_runs)
       stage1["lam_by_lam_step"][repr(ls)] = chosen.lam
       rho, gamma = chosen.step_terms()
       terms = dataclasses.replace(VARIANTS[name], lam_step=ls)
@@ -312,26 +311,22 @@ def fit(fit_runs: Sequence[RunTrace], *, simulator: str, lam: float | None = Non
       jax.block_until_ready(sols)
       solve_s += time.perf_counter() - t0
       for pair, sol in zip(pairs, sols):
-        lam_b[len(candidates)] = pair[1]    # params.lam holds λ_A (additive: λ_B)
-        candidates.append((name, terms,
-                           as_params(sol, pair[0] if kind != "additive" else pair[1], terms)))
+        candidates.append((name, terms,    # params.lam holds λ_A (additive: λ_B)
+                           as_params(sol, pair[0] if kind != "additive" else pair[1], terms),
+                           pair[1] if kind == "linear" else None))
   if base_only:
-    keep = [i for i, c in enumerate(candidates) if c[0] != LOWRANK_BASE]
-    lam_b = {keep.index(i): v for i, v in lam_b.items()}
-    candidates = [candidates[i] for i in keep]
+    candidates = [c for c in candidates if c[0] != LOWRANK_BASE]
   t_solved = time.perf_counter()
   val_scores: dict[str, float] = {}
   best = 0
   if val_runs:
-    keys = [candidate_key(name, c.lam, terms, lam_b.get(i) if kind == "linear" else None)
-            for i, (name, terms, c) in enumerate(candidates)]
-    chosen, val_scores = select_by_validation([c for _, _, c in candidates], val_runs, keys)
+    keys = [candidate_key(name, c.lam, terms, b) for name, terms, c, b in candidates]
+    chosen, val_scores = select_by_validation([c[2] for c in candidates], val_runs, keys)
     best = next(i for i, c in enumerate(candidates) if c[2] is chosen)
-  name, terms, params = candidates[best]
+  name, terms, params, chosen_lam_b = candidates[best]
   t_done = time.perf_counter()
 
   edges = {}
-  chosen_lam_b = lam_b.get(best)
   if terms.prior_rank:   # (λ_A, λ_B) from lowrank_prior's grids
     if len(step_lams) > 1:
       edges["lam_step"] = _edge(terms.lam_step, step_lams)
@@ -346,7 +341,7 @@ def fit(fit_runs: Sequence[RunTrace], *, simulator: str, lam: float | None = Non
     if terms.has_steps and len(step_lams) > 1:
       edges["lam_step"] = _edge(terms.lam_step, step_lams)
   if val_scores:   # is the validation MSE still moving at the edge, or flat (< 0.1%)?
-    key_b = chosen_lam_b if kind == "linear" else None
+    key_b = chosen_lam_b                       # None but for a linear lowrank fit
     here = val_scores[candidate_key(name, params.lam, terms, key_b)]
     grids = {"lam": lams, "lam_step": step_lams, "lam_a": lowrank_prior.LAM_A_GRID,
              "lam_b": lowrank_prior.LAM_B_GRID}

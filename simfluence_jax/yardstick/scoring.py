@@ -30,3 +30,17 @@ def score(pred_by_run: Mapping[str, np.ndarray], runs: Sequence[RunTrace],
   result["baselines"] = {name: metrics.score_runs(preds, trues, ref)
                          for name, preds in base.items()}
   return result
+
+
+def optimal_scale(pairs) -> np.ndarray:
+  """The paper's §5 TracIn-CP rescaling: per test example σ = Σ L̂ L / Σ L̂² over every
+  (pred, true) [T+1, m] pair's steps t ≥ 1 recorded in both (σ = 1 where Σ L̂² = 0). [m]."""
+  num, den = 0.0, 0.0
+  for pred, true in pairs:
+    p = np.asarray(pred, np.float64)[1:]
+    y = np.asarray(true, np.float64)[1:]
+    ok = np.isfinite(y) & np.isfinite(p)
+    num = num + np.where(ok, p * y, 0.0).sum(0)
+    den = den + np.where(ok, p * p, 0.0).sum(0)
+  den = np.asarray(den)
+  return np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)

@@ -7,16 +7,10 @@ import numpy as np
 import pytest
 
 from simfluence_jax.simulators import design
+from tests import planted_traces
 
 
-@dataclasses.dataclass(frozen=True)
-class Run:  # the RunTrace attributes design reads (traces.RunTrace is duck-typed)
-  run_id: str
-  train_ids: np.ndarray
-  test_ids: np.ndarray
-  batch_size: int
-  curriculum: np.ndarray
-  losses: np.ndarray
+Run = planted_traces.Run
 
 
 TRAIN_IDS = np.array([50, 10, 30, 20], np.int64)  # position p <-> id; ids are not positions

@@ -21,42 +21,36 @@ TERMS = {
 }
 
 
-_runs = planted_traces.random_runs
-
-
-_transitions = planted_traces.transitions
-_rel = planted_traces.rel_err
-
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", sorted(TERMS))
 @pytest.mark.parametrize("x64", [True, False], ids=["float64", "float32"])
 def test_prior_and_lambda_pairs_match_the_dense_reference(kind, name, x64):
   terms = TERMS[name]
-  runs = _runs(lengths=[10, 10, 8, 10, 6, 10])
+  runs = planted_traces.random_runs(lengths=[10, 10, 8, 10, 6, 10])
   rng = np.random.default_rng(3)
   prior = (rng.normal(0.3, 0.1, (7, 12)), rng.normal(0.0, 0.05, (7, 12)))
   pairs = [(5.0, 0.2), (0.1, 30.0)]
   tol = 1e-8 if x64 else 2e-4     # relative to the largest |parameter| of each array
   for pair in pairs:
-    want = ridge.solve_dense_reference(_transitions(runs, np.float64), kind=kind, lam=pair,
+    want = ridge.solve_dense_reference(planted_traces.transitions(runs, np.float64), kind=kind, lam=pair,
                                        terms=terms, prior=prior)
     with jax.enable_x64(x64):
-      tr = _transitions(runs, np.float64 if x64 else np.float32)
+      tr = planted_traces.transitions(runs, np.float64 if x64 else np.float32)
       # both pairs on one warm-started path (solved largest λ_A first), chunk 3 of m = 7
       got = ridge.solve_path_with_terms(tr, kind=kind, lams=pairs, terms=terms,
                                         prior=prior, chunk_size=3)[pairs.index(pair)]
     for field, g, w in zip(ridge.Solution._fields, got, want):
       if w.size and np.abs(w).max() > 0:
-        assert _rel(g, w) < tol, (field, pair, _rel(g, w))
+        assert planted_traces.rel_err(g, w) < tol, (field, pair, planted_traces.rel_err(g, w))
       else:   # the half this kind does not fit stays exactly zero: no prior added to it
         assert not np.any(np.asarray(g)), field
 
 
 def test_equal_pair_without_prior_is_the_scalar_lambda_solve():
-  runs = _runs(seed=2)
+  runs = planted_traces.random_runs(seed=2)
   with jax.enable_x64(True):
-    tr = _transitions(runs, np.float64)
+    tr = planted_traces.transitions(runs, np.float64)
     a1, b1 = ridge.solve(tr, kind="linear", lam=0.7)
     got, = ridge.solve_path_with_terms(tr, kind="linear", lams=[(0.7, 0.7)])
   np.testing.assert_allclose(np.asarray(got.A), np.asarray(a1), rtol=0, atol=1e-10)
@@ -65,11 +59,11 @@ def test_equal_pair_without_prior_is_the_scalar_lambda_solve():
 
 def test_huge_penalties_return_the_prior_means():
   # λ → ∞: the data term is negligible, w = w̄ + O(1/λ) (here |data gradient| / λ < 1e-7).
-  runs = _runs(seed=4)
+  runs = planted_traces.random_runs(seed=4)
   rng = np.random.default_rng(5)
   prior = (rng.normal(0.2, 0.1, (7, 12)), rng.normal(0.0, 0.1, (7, 12)))
   with jax.enable_x64(True):
-    got, = ridge.solve_path_with_terms(_transitions(runs, np.float64), kind="linear",
+    got, = ridge.solve_path_with_terms(planted_traces.transitions(runs, np.float64), kind="linear",
                                        lams=[(1e10, 1e10)], prior=prior)
   np.testing.assert_allclose(np.asarray(got.A), prior[0], rtol=0, atol=1e-7)
   np.testing.assert_allclose(np.asarray(got.B), prior[1], rtol=0, atol=1e-7)
@@ -77,7 +71,7 @@ def test_huge_penalties_return_the_prior_means():
 
 def test_bad_prior_shape_is_named():
   with pytest.raises(ValueError, match=r"prior \(Ā, B̄\) must be two \[m=7, n=12\]"):
-    ridge.solve_path_with_terms(_transitions(_runs(), np.float32), kind="linear", lams=[1.0],
+    ridge.solve_path_with_terms(planted_traces.transitions(planted_traces.random_runs(), np.float32), kind="linear", lams=[1.0],
                                 prior=(np.zeros((7, 11)), np.zeros((7, 12))))
 
 
@@ -127,7 +121,7 @@ def test_rank1_prior_recovers_planted_shared_structure_better_than_plain_ridge()
 
 
 def test_fit_lowrank_records_its_choice_and_needs_validation_runs():
-  runs = _runs(runs=9, seed=6)
+  runs = planted_traces.random_runs(runs=9, seed=6)
   with pytest.raises(ValueError, match="give val_runs"):
     simulators.fit(runs[:6], simulator="linear_lowrank", lam=0.1, lam_step=0.01)
   params, diag = simulators.fit(runs[:6], simulator="linear_lowrank", val_runs=runs[6:8],

@@ -12,20 +12,14 @@ import numpy as np
 import pytest
 
 from simfluence_jax.simulators import design
+from tests import planted_traces
 from simfluence_jax.simulators import ridge
 from simfluence_jax.traces import contract as traces
 
 KINDS = ("linear", "additive", "multiplicative")
 
 
-@dataclasses.dataclass(frozen=True)
-class Run:  # duck-typed RunTrace
-  run_id: str
-  train_ids: np.ndarray
-  test_ids: np.ndarray
-  batch_size: int
-  curriculum: np.ndarray
-  losses: np.ndarray
+Run = planted_traces.Run
 
 
 def _problem(*, batch, n=9, m=5, runs=4, steps=20, seed=0, dtype=np.float64,

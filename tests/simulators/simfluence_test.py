@@ -16,7 +16,6 @@ from scipy import stats
 
 from simfluence_jax.traces import fit_params
 from simfluence_jax.simulators import simfluence as simulators
-from simfluence_jax.traces import contract as traces
 
 N_POOL = 12
 TRAIN_IDS = np.arange(N_POOL, dtype=np.int64) * 7 + 100  # ids are not positions

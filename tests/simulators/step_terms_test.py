@@ -26,12 +26,6 @@ TERMS = {
 }
 
 
-_runs = planted_traces.random_runs
-
-
-_transitions = planted_traces.transitions
-_rel = planted_traces.rel_err
-
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", sorted(TERMS))
@@ -39,12 +33,12 @@ _rel = planted_traces.rel_err
 def test_production_solver_matches_dense_reference(kind, name, x64):
   terms = TERMS[name]
   # ragged run lengths: the last steps are seen by fewer runs
-  runs = _runs(lengths=[10, 10, 8, 10, 6, 10])
-  want = ridge.solve_dense_reference(_transitions(runs, np.float64), kind=kind, lam=0.3,
+  runs = planted_traces.random_runs(lengths=[10, 10, 8, 10, 6, 10])
+  want = ridge.solve_dense_reference(planted_traces.transitions(runs, np.float64), kind=kind, lam=0.3,
                                      terms=terms)
   tol = 1e-8 if x64 else 2e-4     # relative to the largest |parameter| of each array
   with jax.enable_x64(x64):
-    tr = _transitions(runs, np.float64 if x64 else np.float32)
+    tr = planted_traces.transitions(runs, np.float64 if x64 else np.float32)
     # chunk 3 of m = 7: the last chunk overlaps; a second chunk size for one variant only
     for chunk in ((3, 7) if name == "rho_gamma" and kind == "linear" else (3,)):
       got, = ridge.solve_path_with_terms(tr, kind=kind, lams=[0.3], terms=terms,
@@ -52,21 +46,21 @@ def test_production_solver_matches_dense_reference(kind, name, x64):
       assert got.rho.shape == got.gamma.shape == (7, 10 if terms.has_steps else 0)
       for field, g, w in zip(ridge.Solution._fields, got, want):
         if w.size and np.abs(w).max() > 0:
-          assert _rel(g, w) < tol, (field, chunk, _rel(g, w))
+          assert planted_traces.rel_err(g, w) < tol, (field, chunk, planted_traces.rel_err(g, w))
         else:   # the half or term this kind / variant does not fit is exactly zero
           assert not np.any(np.asarray(g)), field
 
 
 def test_lambda_path_with_terms_equals_independent_solves_and_compiles_once():
-  runs = _runs(seed=1)
+  runs = planted_traces.random_runs(seed=1)
   terms = TERMS["rho_gamma"]
   with jax.enable_x64(True):
-    tr = _transitions(runs, np.float64)
+    tr = planted_traces.transitions(runs, np.float64)
     path = ridge.solve_path_with_terms(tr, kind="linear", lams=[0.01, 3.0, 100.0],
                                        terms=terms)
     for lam, sol in zip([0.01, 3.0, 100.0], path):
       want = ridge.solve_dense_reference(tr, kind="linear", lam=lam, terms=terms)
-      assert max(_rel(g, w) for g, w in zip(sol, want)) < 1e-8
+      assert max(planted_traces.rel_err(g, w) for g, w in zip(sol, want)) < 1e-8
     # another λ_s is a traced value: no new compilation
     before = ridge._solve_path_jit._cache_size()    # pylint: disable=protected-access
     ridge.solve_path_with_terms(tr, kind="linear", lams=[0.01, 3.0, 100.0],
@@ -146,9 +140,9 @@ def test_step_terms_without_validation_runs_need_one_lam_step():
 def test_centred_shrinkage_tends_to_one_shared_dynamic_not_to_zero():
   # λ → ∞: centred A_i, B_i all tend to the best shared (ā, b̄) — the two-parameter
   # regression y ≈ k ā x + k b̄ (full batches of k) — while plain ridge tends to 0.
-  runs = _runs(seed=4)
+  runs = planted_traces.random_runs(seed=4)
   with jax.enable_x64(True):
-    tr = _transitions(runs, np.float64)
+    tr = planted_traces.transitions(runs, np.float64)
     sol, = ridge.solve_path_with_terms(tr, kind="linear", lams=[1e9],
                                        terms=ridge.Terms(centred=True))
     plain_a, plain_b = ridge.solve(tr, kind="linear", lam=1e9)
