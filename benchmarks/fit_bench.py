@@ -25,7 +25,6 @@ solve toward it (numpy: the same two per-example solves and one SVD).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import resource
 import statistics
@@ -39,22 +38,13 @@ from simfluence_jax.simulators import design
 from simfluence_jax.simulators import lowrank_prior
 from simfluence_jax.simulators import ridge
 from simfluence_jax.simulators import ridge_reference
+from simfluence_jax.traces.contract import RunTrace
 
 SIZES = {
     "few-shot": dict(pool=100, subset=64, epochs=4.0, m=10_000),
     "many-shot": dict(pool=1536, subset=1024, epochs=1.5, m=1_000),
 }
 NUM_RUNS, BATCH = 20, 4
-
-
-@dataclasses.dataclass(frozen=True)
-class SyntheticRun:  # the RunTrace attributes build_transitions reads
-  run_id: str
-  train_ids: np.ndarray
-  test_ids: np.ndarray
-  batch_size: int
-  curriculum: np.ndarray
-  losses: np.ndarray
 
 
 def synthetic_runs(*, pool: int, subset: int, epochs: float, m: int, seed: int = 0,
@@ -77,8 +67,8 @@ def synthetic_runs(*, pool: int, subset: int, epochs: float, m: int, seed: int =
     for t in range(steps):
       alpha, beta = a[:, pos[t]].sum(1), b[:, pos[t]].sum(1)
       losses[t + 1] = alpha * losses[t] + beta + noise * rng.standard_normal(m)
-    runs.append(SyntheticRun(f"run{r:02d}", train_ids[chosen], test_ids, BATCH,
-                             train_ids[pos].astype(np.int32), losses.astype(np.float32)))
+    runs.append(RunTrace(f"run{r:02d}", train_ids[chosen], test_ids, BATCH,
+                         train_ids[pos].astype(np.int32), losses.astype(np.float32), {}))
   return runs, train_ids, test_ids, a, b
 
 
