@@ -32,6 +32,7 @@ _PUBLIC = {
     "write_run": ("simfluence_jax.traces.contract", "write_run"),
     "list_runs": ("simfluence_jax.traces.contract", "list_runs"),
     "import_long_format": ("simfluence_jax.traces.importers", "import_long_format"),
+    "TraceWriter": ("simfluence_jax.traces.writer", "TraceWriter"),
     "FitParams": ("simfluence_jax.traces.fit_params", "FitParams"),
     "save_fit": ("simfluence_jax.traces.fit_params", "save_fit"),
     "load_fit": ("simfluence_jax.traces.fit_params", "load_fit"),

@@ -9,16 +9,22 @@ Every reader and writer validates; a violation is a `TraceError` naming the file
 the step (1-based t as in the paper, with its array row) and the example id at fault.
 `write_run` writes curriculum.npy, losses.npy and then run.json: a run directory without
 run.json is incomplete, `list_runs` leaves it out and logs it, `incomplete_runs` lists it.
+Replacing a complete run (overwrite=True) writes the new one into a hidden sibling directory
+and swaps the two atomically: readers and crashes see the old run or the new one.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import json
 import math
 import os
 import pathlib
 import re
+import secrets
+import shutil
 from typing import Any, Iterable
 
 from absl import logging
@@ -303,8 +309,33 @@ def _id_list(meta: dict, key: str, where: str) -> np.ndarray:
 
 
 def read_run(workspace, run_id: str) -> RunTrace:
-  """Reads and validates one run; any problem is a TraceError naming the file at fault."""
+  """Reads and validates one run; any problem is a TraceError naming the file at fault.
+
+  Readers take no lock: if write_run swaps in a replacement of the run while its three files
+  are being read (the directory's inode changes), the read starts again.
+  """
   directory = run_dir(workspace, run_id)
+  for _ in range(3):
+    inode = _inode(directory)
+    try:
+      trace = _read_run_once(directory, run_id)
+    except TraceError:
+      if _inode(directory) == inode:
+        raise
+      continue
+    if _inode(directory) == inode:
+      return trace
+  raise TraceError(f"{directory}: run {run_id!r} was replaced three times while being read")
+
+
+def _inode(directory: pathlib.Path) -> int | None:
+  try:
+    return os.stat(directory).st_ino
+  except OSError:
+    return None
+
+
+def _read_run_once(directory: pathlib.Path, run_id: str) -> RunTrace:
   meta_path = directory / "run.json"
   if not meta_path.is_file():
     state = ("incomplete (directory exists but has no run.json; its writer stopped before "
@@ -348,14 +379,14 @@ def write_run(workspace, trace: RunTrace, *, overwrite: bool = False) -> pathlib
   """Validates, then writes curriculum.npy, losses.npy and run.json (last); returns the dir.
 
   Writing a run identical to the existing one is a no-op. A different existing complete run
-  is a TraceError unless overwrite=True; then its run.json is removed first, so a crash
-  leaves an incomplete run, never a mixture of old and new files. Holds workspace_lock.
+  is a TraceError unless overwrite=True; then the new run is written into a hidden sibling
+  `runs/.<run_id>.replace-*` and swapped in atomically (`_swap_in`), so a crash or a reader
+  sees the old run or the new one, never a mixture. Holds workspace_lock.
   """
   directory = run_dir(workspace, trace.run_id)
   trace = validate(trace, f"{directory} (being written)")
   with workspace_lock(workspace):
-    meta_path = directory / "run.json"
-    if meta_path.exists():
+    if (directory / "run.json").exists():
       try:
         same = read_run(workspace, trace.run_id) == trace
       except TraceError:
@@ -365,15 +396,60 @@ def write_run(workspace, trace: RunTrace, *, overwrite: bool = False) -> pathlib
       if not overwrite:
         raise TraceError(f"{directory}: run {trace.run_id!r} already exists with different "
                          "content; pass overwrite=True to replace it")
-      os.unlink(meta_path)
-    atomic_io.save_npy(directory / "curriculum.npy", trace.curriculum)
-    atomic_io.save_npy(directory / "losses.npy", trace.losses)
-    faults.maybe_kill("trace_write")
-    atomic_io.save_json(meta_path, {
-        "schema": SCHEMA, "run_id": trace.run_id, "train_ids": trace.train_ids.tolist(),
-        "test_ids": trace.test_ids.tolist(), "batch_size": trace.batch_size,
-        "num_steps": trace.num_steps, **trace.metadata})
+      for stale in directory.parent.glob(f".{trace.run_id}.replace-*"):  # a crashed replace
+        shutil.rmtree(stale, ignore_errors=True)
+      staged = directory.parent / f".{trace.run_id}.replace-{secrets.token_hex(6)}"
+      staged.mkdir()
+      try:
+        _write_files(staged, trace)
+        staged = _swap_in(staged, directory)  # staged now names the old run, removed below
+      finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    else:  # absent or incomplete: written in place, run.json last marks it complete
+      _write_files(directory, trace)
   return directory
+
+
+def _write_files(directory: pathlib.Path, trace: RunTrace) -> None:
+  atomic_io.save_npy(directory / "curriculum.npy", trace.curriculum)
+  atomic_io.save_npy(directory / "losses.npy", trace.losses)
+  faults.maybe_kill("trace_write")
+  atomic_io.save_json(directory / "run.json", {
+      "schema": SCHEMA, "run_id": trace.run_id, "train_ids": trace.train_ids.tolist(),
+      "test_ids": trace.test_ids.tolist(), "batch_size": trace.batch_size,
+      "num_steps": trace.num_steps, **trace.metadata})
+
+
+def _swap_in(staged: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
+  """Puts directory `staged` at `target` (an existing directory); returns where the old is.
+
+  Linux: renameat2(RENAME_EXCHANGE) swaps the two names in one atomic step. Where that is
+  missing (another OS, a filesystem without it) two renames move the old directory aside
+  first: a crash between them leaves no run under `target` (both kept under hidden names),
+  still never a mixture of the two.
+  """
+  try:
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+  except (OSError, TypeError):  # no C library handle (Windows)
+    renameat2 = None
+  if renameat2 is not None:
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(staged), at_fdcwd, os.fsencode(target),
+                 rename_exchange) == 0:
+      atomic_io._fsync_dir(target.parent)  # pylint: disable=protected-access
+      return staged
+    code = ctypes.get_errno()
+    if code not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+      raise OSError(code, os.strerror(code), str(target))
+  old = staged.with_name(staged.name + "-old")
+  os.rename(target, old)
+  try:
+    os.rename(staged, target)
+  except OSError:
+    os.rename(old, target)
+    raise
+  atomic_io._fsync_dir(target.parent)  # pylint: disable=protected-access
+  return old
 
 
 # ----------------------------------------------------------------------------- examples

@@ -10,6 +10,12 @@ T = the largest batch step and every step 1..T needs a batch record; batch_size 
 examples at one step (shorter steps are padded with -1); train_ids = the ids it consumed;
 test_ids = the ids with a loss record (ascending); a (step, test_id) without a loss record is
 NaN (not recorded). Every run is built and validated before anything is written.
+
+CSV is read as spreadsheet programs and pandas write it on any OS: an optional UTF-8 BOM,
+LF / CRLF / CR line endings, quoted fields, blank lines and all-empty rows skipped, and an
+unnamed pandas index column (header `` or `Unnamed: 0`, from `to_csv` with its default
+index=True) ignored. A semicolon- or tab-separated file or UTF-16 text (Excel's regional
+"CSV" and "Unicode Text") is an error saying how to save it instead.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import csv
 import json
 import math
 import pathlib
+import re
 from typing import Any, Iterator
 
 import numpy as np
@@ -29,6 +36,9 @@ from simfluence_jax.traces.contract import TraceError
 FORMATS = ("csv", "jsonl", "parquet")
 COLUMNS = ("kind", "run_id", "step", "train_id", "test_id", "loss")
 _USED = {"batch": ("run_id", "step", "train_id"), "loss": ("run_id", "step", "test_id", "loss")}
+# pandas' index column: no header (to_csv) or "Unnamed: 0" (read_csv then to_csv), ".1" on
+# a repeat; a trailing comma on every line also gives an unnamed column.
+_UNNAMED = re.compile(r"^(Unnamed: \d+(\.\d+)?)?$")
 
 
 def _format_of(path: pathlib.Path, fmt: str | None) -> str:
@@ -58,18 +68,26 @@ def _records(path: pathlib.Path, fmt: str) -> Iterator[tuple[str, dict]]:
       yield f"{path}:row {i}", rec
     return
   try:
-    f = open(path, newline="", encoding="utf-8")
+    f = open(path, newline="", encoding="utf-8-sig")  # -sig: a UTF-8 BOM is dropped
   except FileNotFoundError:
     raise TraceError(f"{path}: missing file") from None
   with f:
     try:
       if fmt == "csv":
         reader = csv.DictReader(f)
-        _check_columns(path, reader.fieldnames or [])
+        names = [name.strip() for name in reader.fieldnames or []]
+        _check_delimiter(path, names)
+        reader.fieldnames = names
+        unnamed = {name for name in names if _UNNAMED.match(name)}
+        _check_columns(path, [name for name in names if name not in unnamed])
         for rec in reader:
           if None in rec or any(v is None for v in rec.values()):
             raise TraceError(f"{path}:line {reader.line_num}: the number of fields differs "
                              f"from the header's {len(reader.fieldnames)}")
+          if not any(v.strip() for v in rec.values()):
+            continue  # a spreadsheet's empty row (",,,,,")
+          for name in unnamed:
+            del rec[name]
           yield f"{path}:line {reader.line_num}", rec
       else:
         for n, line in enumerate(f, 1):
@@ -84,9 +102,24 @@ def _records(path: pathlib.Path, fmt: str) -> Iterator[tuple[str, dict]]:
           _check_columns(f"{path}:line {n}", list(rec), header=False)
           yield f"{path}:line {n}", rec
     except UnicodeDecodeError as e:
-      raise TraceError(f"{path}: not UTF-8 text ({e})") from None
+      with open(path, "rb") as raw:
+        utf16 = raw.read(2) in (b"\xff\xfe", b"\xfe\xff")
+      what = ("UTF-16 text (as Excel's 'Unicode Text' saves), not UTF-8" if utf16 else
+              "not UTF-8 text")
+      excel = " (Excel: 'CSV UTF-8')" if fmt == "csv" else ""
+      raise TraceError(f"{path}: {what}; save it as UTF-8{excel} ({e})") from None
     except csv.Error as e:
       raise TraceError(f"{path}: malformed CSV ({e})") from None
+
+
+def _check_delimiter(path: pathlib.Path, names: list[str]) -> None:
+  """A header read as one field holding ';' or a tab: the file is not comma-separated."""
+  if len(names) == 1 and ("kind" in names[0]) and any(d in names[0] for d in ";\t"):
+    sep = "semicolons" if ";" in names[0] else "tabs"
+    raise TraceError(f"{path}: fields are separated by {sep}, not commas (a regional "
+                     "spreadsheet export); save it as comma-separated CSV (Excel: 'CSV "
+                     "UTF-8 (Comma delimited)'; pandas: to_csv's default sep=',') with '.' "
+                     "as the decimal point")
 
 
 def _check_columns(where, names, *, header: bool = True) -> None:

@@ -165,3 +165,76 @@ def test_binary_end_to_end(tmp_path):
                        timeout=120)
   assert res.returncode == 2
   assert "TraceError:" in res.stderr and "t.csv:line 5: loss 'x' is not a number" in res.stderr
+
+
+def _quote_all(text: str, eol: str = "\n") -> str:
+  return "".join(",".join(f'"{v}"' for v in line.split(",")) + eol
+                 for line in text.splitlines())
+
+
+def _pandas_index(text: str, name: str, eol: str = "\n") -> str:
+  """What DataFrame.to_csv writes with its default index=True (a RangeIndex column)."""
+  lines = text.splitlines()
+  return "".join([f"{name},{lines[0]}{eol}"] +
+                 [f"{i},{line}{eol}" for i, line in enumerate(lines[1:])])
+
+
+# (dialect, bytes of the same traces as CSV) — as spreadsheet programs and pandas write them.
+DIALECTS = [
+    ("excel_csv_utf8_windows", b"\xef\xbb\xbf" + CSV.replace("\n", "\r\n").encode()),
+    ("crlf", CSV.replace("\n", "\r\n").encode()),
+    ("cr_only", CSV.replace("\n", "\r").encode()),
+    ("quoted_fields", _quote_all(CSV).encode()),
+    ("quoted_crlf_bom", b"\xef\xbb\xbf" + _quote_all(CSV, "\r\n").encode()),
+    ("trailing_empty_lines", (CSV + "\n\n").encode()),
+    ("trailing_empty_line_crlf", (CSV + "\n").replace("\n", "\r\n").encode()),
+    ("spreadsheet_empty_rows", (CSV + ",,,,,\n,,,,,\n").encode()),
+    ("no_final_newline", CSV.rstrip("\n").encode()),
+    ("pandas_index_no_header", _pandas_index(CSV, "").encode()),
+    ("pandas_index_unnamed_0", _pandas_index(CSV, "Unnamed: 0").encode()),
+    ("pandas_windows", _pandas_index(CSV, "", "\r\n").encode()),
+    ("pandas_twice", _pandas_index(_pandas_index(CSV, "Unnamed: 0"), "Unnamed: 0.1").encode()),
+    ("spaces_after_commas", CSV.replace(",", ", ").encode()),
+]
+
+
+@pytest.mark.parametrize("data", [d for _, d in DIALECTS], ids=[n for n, _ in DIALECTS])
+def test_csv_dialects_give_the_hand_built_traces(tmp_path, data):
+  (tmp_path / "t.csv").write_bytes(data)
+  assert import_traces.build_runs(tmp_path / "t.csv") == [WANT_A, WANT_B]
+
+
+@pytest.mark.parametrize("data", [
+    b"\xef\xbb\xbf" + CSV.replace("loss,a,1,,5,2.0", "loss,a,1,,5,abc").replace(
+        "\n", "\r\n").encode(),
+    _pandas_index(CSV.replace("loss,a,1,,5,2.0", "loss,a,1,,5,abc"), "", "\r\n").encode(),
+    _quote_all(CSV.replace("loss,a,1,,5,2.0", "loss,a,1,,5,abc"), "\r\n").encode(),
+], ids=["bom_crlf", "pandas_windows", "quoted_crlf"])
+def test_dialect_errors_name_the_file_line(tmp_path, data):
+  (tmp_path / "t.csv").write_bytes(data)
+  with pytest.raises(TraceError, match=r"t\.csv:line 6: loss 'abc' is not a number"):
+    import_traces.build_runs(tmp_path / "t.csv")
+
+
+@pytest.mark.parametrize("data, match", [
+    (CSV.replace(",", ";").encode(), r"t\.csv: fields are separated by semicolons, not "
+     r"commas .*save it as comma-separated CSV"),
+    (CSV.replace(",", "\t").encode(), r"t\.csv: fields are separated by tabs"),
+    (CSV.encode("utf-16"), r"t\.csv: UTF-16 text .*not UTF-8; save it as UTF-8"),
+    (CSV.replace("batch,b", "batch,b\xe9").encode("cp1252"),
+     r"t\.csv: not UTF-8 text; save it as UTF-8"),
+])
+def test_unreadable_dialects_say_how_to_save_the_file(tmp_path, data, match):
+  (tmp_path / "t.csv").write_bytes(data)
+  with pytest.raises(TraceError, match=match):
+    import_traces.import_long_format(tmp_path / "t.csv", tmp_path / "ws")
+  assert not (tmp_path / "ws" / "runs").exists()
+
+
+def test_jsonl_with_bom_and_crlf(tmp_path):
+  text = "\r\n".join(json.dumps(r) for r in _rows()) + "\r\n"
+  (tmp_path / "t.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())
+  meta = {"imported_from": "t.jsonl", "import_format": "jsonl"}
+  assert import_traces.build_runs(tmp_path / "t.jsonl") == [
+      RunTrace(**{**WANT_A.__dict__, "metadata": meta}),
+      RunTrace(**{**WANT_B.__dict__, "metadata": meta})]
