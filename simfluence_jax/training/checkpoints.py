@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from simfluence_jax.traces import atomic_io
 from simfluence_jax.training import distributed
 from simfluence_jax.traces import faults
+from simfluence_jax.training import models
 from simfluence_jax.training import trainer as trainer_lib
 
 _STEP_DIR = re.compile(r"^checkpoint_(\d+)$")
@@ -175,3 +176,25 @@ def restore_group(checkpoints_dir: PathLike, name: str, state: trainer_lib.Train
   restored = trainer_lib.TrainState(**tree["state"])
   return restored, trainer_lib.Progress(distributed.host_array(tree["losses"]),
                                         distributed.host_array(tree["train_losses"]))
+
+
+def load_pretrained(pretrained_dir: PathLike, config: models.T5Config, *, tuning: str,
+                    seed: int, input_length: int, target_length: int) -> dict:
+  """Pretrained {"params"} (+ fresh IA3 ones when tuning == "ia3"), checked against config."""
+  pretrained_dir = pathlib.Path(pretrained_dir)
+  if latest_step(pretrained_dir) is None:
+    raise FileNotFoundError(
+        f"no pretrained checkpoint under {pretrained_dir}; run `python -m "
+        f"simfluence_jax.pretrain` with the same --gin_file/--gin flags first")
+  expected = jax.eval_shape(lambda: models.init_variables(
+      config, jax.random.PRNGKey(seed), use_ia3=tuning == "ia3", input_length=input_length,
+      target_length=target_length))
+  params = load_variables(pretrained_dir)["params"]
+  shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)
+  if shapes(params) != shapes(expected["params"]):
+    raise ValueError(f"pretrained checkpoint under {pretrained_dir} does not fit model_config "
+                     f"{config} (pretrained with another model size?)")
+  variables = {"params": params}
+  if tuning == "ia3":
+    variables["ia3"] = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), expected["ia3"])
+  return variables

@@ -58,7 +58,10 @@ def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformat
   if name == "adafactor":
     return optax.adafactor(learning_rate=learning_rate)
   if name == "adam":
-    return optax.adam(learning_rate=learning_rate)
+    # eps_root: sqrt(nu + 1e-30) keeps the update differentiable where nu = 0 (a parameter
+    # whose gradient is exactly 0 so far, e.g. an unused embedding row: sqrt'(0) = inf would
+    # give NaN metagradients); for any nu > ~1e-22 the float32 sum is nu itself.
+    return optax.adam(learning_rate=learning_rate, eps_root=1e-30)
   raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
@@ -190,6 +193,38 @@ def _gather(pool: Batch, positions: jax.Array) -> dict:
   return {k: jnp.take(v, idx, axis=0) for k, v in pool.items()}
 
 
+def weighted_mean_loss(per_example: jax.Array, weights: jax.Array) -> jax.Array:
+  """The step's loss: sum_i w_i l_i / max(sum_i w_i, 1) over the k batch slots.
+
+  With w = 1 on real slots and 0 on pads (the trainer's default) it is the mean over the real
+  examples; w_i = 0 is the *masked* removal of slot i (the others' mean), and
+  d loss / d w_i = (l_i - loss) / sum_i w_i at sum_i w_i >= 1 (metagradients.py). The
+  arithmetic follows the per-example losses' dtype (float64 for exact reference tests).
+  """
+  w = weights.astype(per_example.dtype)
+  return jnp.sum(per_example * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def run_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, trainable,
+               opt_state, frozen, batch: Batch, weights: jax.Array, *, live: jax.Array,
+               rng: jax.Array | None = None):
+  """One run's optimizer step -> (trainable, opt_state, loss); a pure function of its inputs.
+
+  batch: [k, ...] the slots' features; weights [k] (see weighted_mean_loss). live: bool []
+  False makes the step an exact no-op (params AND optimizer state kept: an all-pad step);
+  it is a separate input, not read from the weights, so that the step stays differentiable
+  in the weights (metagradients.py) while the trainer's no-op rule is unchanged.
+  """
+  def loss_of(tr):
+    return weighted_mean_loss(loss_fn(merge_variables(tr, frozen), batch, rng), weights)
+  loss, grads = jax.value_and_grad(loss_of)(trainable)
+  updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
+  new_trainable = optax.apply_updates(trainable, updates)
+  keep = lambda new, old: jnp.where(live, new, old)
+  return (jax.tree.map(keep, new_trainable, trainable),
+          jax.tree.map(keep, new_opt_state, opt_state), loss)
+
+
 class Trainer:
   """Holds the model's loss and the optimizer; its jitted functions are compiled once.
 
@@ -199,6 +234,8 @@ class Trainer:
     update_step(state, positions [R,k], pool) -> (state, train_loss [R]): the same step
       without recording (a step whose test losses are not wanted: ~90% of a step's cost
       on our CPU experiments is the recording forward).
+    Both take optional slot weights [R, k] as a last argument (default: 1 on real slots, 0
+    on pads; see weighted_mean_loss), without a mesh only (finite-difference references).
     record(state, test_batch) -> [R, m] test losses of the current state (L_0).
 
   mesh: when given, both run under `jax.shard_map` over its "runs" axis: each device steps and
@@ -233,23 +270,13 @@ class Trainer:
     out_specs = {3: (spec, runs, runs), 2: (spec, runs), 1: runs}[num_outputs]
     return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs)
 
-  def _run_loss(self, trainable, frozen, rng, pool, positions):
-    batch = _gather(pool, positions)
-    w = (positions >= 0).astype(jnp.float32)
-    per_example = self.loss_fn(merge_variables(trainable, frozen), batch,
-                               rng if self.dropout else None)
-    return jnp.sum(per_example * w) / jnp.maximum(jnp.sum(w), 1.0)
-
-  def _run_update(self, trainable, opt_state, rng, frozen, pool, positions):
+  def _run_update(self, trainable, opt_state, rng, frozen, pool, positions, weights):
     rng, step_rng = jax.random.split(rng)
-    loss, grads = jax.value_and_grad(self._run_loss)(trainable, frozen, step_rng, pool,
-                                                     positions)
-    updates, new_opt_state = self.optimizer.update(grads, opt_state, trainable)
-    new_trainable = optax.apply_updates(trainable, updates)
-    live = jnp.any(positions >= 0)  # all-pad step: exact no-op
-    keep = lambda new, old: jnp.where(live, new, old)
-    return (jax.tree.map(keep, new_trainable, trainable),
-            jax.tree.map(keep, new_opt_state, opt_state), rng, loss)
+    w = (positions >= 0).astype(jnp.float32) if weights is None else weights
+    new_trainable, new_opt_state, loss = run_update(
+        self.loss_fn, self.optimizer, trainable, opt_state, frozen, _gather(pool, positions),
+        w, live=jnp.any(positions >= 0), rng=step_rng if self.dropout else None)
+    return new_trainable, new_opt_state, rng, loss
 
   def _record(self, state: TrainState, test_batch: Batch) -> jax.Array:
     run_record = lambda trainable: self.loss_fn(merge_variables(trainable, state.frozen),
@@ -258,17 +285,19 @@ class Trainer:
       return jax.vmap(run_record)(state.trainable)                      # [R, m]
     return jax.lax.map(run_record, state.trainable, batch_size=self.record_chunk)
 
-  def _update_step(self, state: TrainState, positions: jax.Array, pool: Batch):
+  def _update_step(self, state: TrainState, positions: jax.Array, pool: Batch,
+                   weights: jax.Array | None = None):
     trainable, opt_state, rng, train_loss = jax.vmap(
-        self._run_update, in_axes=(0, 0, 0, None, None, 0))(
-            state.trainable, state.opt_state, state.rng, state.frozen, pool, positions)
+        self._run_update, in_axes=(0, 0, 0, None, None, 0, 0))(
+            state.trainable, state.opt_state, state.rng, state.frozen, pool, positions,
+            weights)
     state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state,
                           rng=rng)
     return state, train_loss
 
   def _train_step(self, state: TrainState, positions: jax.Array, pool: Batch,
-                  test_batch: Batch):
-    state, train_loss = self._update_step(state, positions, pool)
+                  test_batch: Batch, weights: jax.Array | None = None):
+    state, train_loss = self._update_step(state, positions, pool, weights)
     return state, train_loss, self._record(state, test_batch)
 
 

@@ -15,8 +15,9 @@ def per_example_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array, 
 
   loss_b = sum_t w_bt * CE_bt / max(sum_t w_bt, eps), with
   CE_bt = -log_softmax(logits_bt)[targets_bt] + z_loss * logsumexp(logits_bt)^2
-  (the z-loss term is T5X's auxiliary log-partition penalty; 0 by default). All in float32.
-  An example whose weights are all zero has loss 0.
+  (the z-loss term is T5X's auxiliary log-partition penalty; 0 by default). All in float32,
+  or float64 when the logits are float64 (exact reference tests, e.g. metagradients against
+  finite differences). An example whose weights are all zero has loss 0.
 
   Args:
     logits: [b, t, v] any float dtype.
@@ -29,13 +30,14 @@ def per_example_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array, 
     raise ValueError(
         f"per_example_loss: logits {logits.shape} must be [b, t, v] with targets and weights "
         f"[b, t]; got targets {targets.shape}, weights {weights.shape}")
-  logits = logits.astype(jnp.float32)
+  dtype = jnp.promote_types(logits.dtype, jnp.float32)   # float32, or float64 kept
+  logits = logits.astype(dtype)
   log_probs = jax.nn.log_softmax(logits, axis=-1)                        # [b, t, v]
   token_ce = -jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32),
                                   axis=-1)[..., 0]                       # [b, t]
   if z_loss:
     token_ce = token_ce + z_loss * jnp.square(jax.nn.logsumexp(logits, axis=-1))
-  weights = weights.astype(jnp.float32)
+  weights = weights.astype(dtype)
   return jnp.sum(weights * token_ce, axis=-1) / jnp.maximum(jnp.sum(weights, axis=-1), eps)
 
 
