@@ -5,7 +5,8 @@ r"""Runs an experiment's stages on this machine, skipping the stages already fin
       --gin_file=local_tiny.gin --gin.WORKSPACE=\"/tmp/tiny\"
 
 Stages: pretrain -> train -> split -> fit (each simulator) -> evaluate (each fit) -> study ->
-bench (the frozen bench's edited curricula, retrained for real under vmap) -> removal_test
+bench (the frozen bench's edited curricula, retrained for real under vmap) -> metagradient
+(exact first-order predictions of every edit, when pipeline.metagradient) -> removal_test
 (each method's own top proponents removed, retrained) -> counterfactuals (every method
 scored on the change it predicts: counterfactuals/scores.json) -> report. Each stage is the
 project's own binary run as a subprocess with the same --gin_file / --gin flags (exactly what
@@ -36,8 +37,8 @@ from simfluence_jax.experiments import pipeline
 _REDO = flags.DEFINE_list("redo", [], "Stages to run again even if finished.")
 _STOP_AFTER = flags.DEFINE_string("stop_after", None, "Stop after this stage.")
 
-STAGES = ("pretrain", "train", "split", "fit", "evaluate", "study", "bench", "removal_test",
-          "counterfactuals", "report")
+STAGES = ("pretrain", "train", "split", "fit", "evaluate", "study", "bench", "metagradient",
+          "removal_test", "counterfactuals", "report")
 
 
 class Stages:
@@ -133,7 +134,9 @@ def main(argv: Sequence[str]) -> None:
     spec = config.bench_spec()
     stages.run("bench", lambda: retrain(counterfactual_bank.make_bench(workspace, spec),
                                         spec.record_every))
-    methods = [m for m in config.removal_test_methods if m in config.simulators]
+    if config.metagradient:
+      stages.run("metagradient", lambda: binary("metagradients", ws, *common))
+    methods = config.removal_methods()
     if methods and config.removal_test_targets > 0:
       stages.run("removal_test", lambda: retrain(counterfactual_bank.make_removal_test(
           workspace, methods=methods, num_targets=config.removal_test_targets,

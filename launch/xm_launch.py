@@ -90,7 +90,10 @@ def plan(workspace: str, gin_args: Sequence[str], *, num_runs: int, shards: int,
     stages.append([{"name": "bench_write", "module": "counterfactuals",
                     "args": [ws, "--write=bench", *gin_args]}])
     stages.append(retrain("bench_train", f"{cf_dir}/bench", config.bench_record_every))
-    if ([m for m in config.removal_test_methods if m in config.simulators]
+    if config.metagradient:
+      stages.append([{"name": "metagradient", "module": "metagradients",
+                      "args": [ws, *gin_args]}])
+    if (config.removal_methods()
         and config.removal_test_targets > 0):
       stages.append([{"name": "removal_test_write", "module": "counterfactuals",
                       "args": [ws, "--write=removal_test", *gin_args]}])

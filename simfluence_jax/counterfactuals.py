@@ -44,7 +44,7 @@ def _write(kind: str) -> None:
   if kind == "bench":
     files = counterfactual_bank.make_bench(_WORKSPACE.value, config.bench_spec())
   else:
-    methods = [m for m in config.removal_test_methods if m in config.simulators]
+    methods = config.removal_methods()
     files = counterfactual_bank.make_removal_test(
         _WORKSPACE.value, methods=methods, num_targets=config.removal_test_targets,
         k=config.removal_test_k, seed=config.bench_seed) if methods else []

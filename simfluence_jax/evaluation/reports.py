@@ -332,7 +332,9 @@ def _attribution_section(page, best: Fit, run, cols, train_examples, test_exampl
 
 
 CF_DIR = "counterfactuals"           # experiments/counterfactual_bank.py writes these
-_TRAJ_METHODS = ("linear", "linear_paper", "additive", "tracin_cp", "mean_trajectory")
+MG_DIR = "counterfactuals/metagradient"   # experiments/metagradient_bank.py writes these
+_TRAJ_METHODS = ("linear", "linear_paper", "additive", "tracin_cp", "metagradient",
+                 "mean_trajectory")
 
 
 def _cell(v, digits=2):
@@ -410,8 +412,9 @@ def _counterfactual_section(page, workspace, colors):
         points[labels[name]] = (obs, sim, f"r = {_cell(o.get('pearson'))}, within "
                                            f"{_cell(o.get('pearson_within'))}")
     # the fits keep their colors of the other figures; the baselines are greys
-    greys = {"mean_trajectory": "#555555", "initial_loss": "#aaaaaa"}
-    cmap = {labels[n]: greys.get(n) or colors.get(n, "#888888") for n in methods}
+    fixed = {"mean_trajectory": "#555555", "initial_loss": "#aaaaaa",
+             "metagradient": "#17becf"}
+    cmap = {labels[n]: fixed.get(n) or colors.get(n, "#888888") for n in methods}
     if points:
       page.figure(report_plots.delta_scatter(points, cmap), "counterfactual_scatter.png",
                   "Simulated vs observed Δ final loss, every (edit, test example) pair "
@@ -437,6 +440,39 @@ def _counterfactual_section(page, workspace, colors):
               "(a good attribution makes it large), beside the mean over all test examples.")
     page.table(["Method", "target", "k", "predicted rise", "observed rise",
                 "observed mean over tests"], rows)
+  _metagradient_section(page, workspace)
+
+
+def _metagradient_section(page, workspace):
+  """The metagradient's cost and forms (cost.json) and the oracle check (oracle.json)."""
+  cost = _read_json(workspace / MG_DIR / "cost.json")
+  if cost:
+    forms = {}
+    for b in cost["bases"].values():
+      for f, n in b["forms"].items():
+        forms[f] = forms.get(f, 0) + n
+    page.para(
+        f"Metagradient: exact derivatives through every training step and the optimizer's "
+        f"state (forward mode), first order in the edit's weight change: masked edits "
+        f"({forms.get('masked', 0)}) are weights 1 → 0 on the removed slots; reorders "
+        f"({forms.get('aligned', 0)}) the straight path from the base's batches to the "
+        f"edit's; edits of another length ({forms.get('reweighted', 0)}: repacked removals, "
+        f"repeats) each example reweighted where the base saw it (what is seen changes, not "
+        f"when). {cost['edits']} edits in {cost['seconds']:.0f} s.")
+  oracle = _read_json(workspace / MG_DIR / "oracle.json")
+  if oracle and oracle.get("steps"):
+    fits = oracle["fits"]
+    rows = [[t, f"{r['exact_abs_mean']:.2e}"] + [
+        f"{_cell(r['fits'][f]['pearson'])} / {_cell(r['fits'][f]['pearson_within_test'])}"
+        f" / {_cell(r['fits'][f]['slope'])}" if f in r["fits"] else "–" for f in fits]
+        for t, r in oracle["steps"].items()]
+    page.para(f"Oracle: the exact one-step effect dL_t(z)/dε of adding each train example "
+              f"to step t of fit run {oracle['run']}, against each fit's one-step derivative "
+              "(A_p − Ā_c)·L_{t−1}(z) + (B_p − B̄_c): Pearson over all (example, test "
+              "example) pairs / mean over test examples of the Pearson over examples / "
+              "slope of simulated on exact (1 = the right size). A_i, B_i do not depend on "
+              "the step; the exact effect does.")
+    page.table(["step", "exact mean abs. effect"] + [_cell(f) for f in fits], rows)
 
 
 def _study_section(page, workspace: pathlib.Path):

@@ -24,6 +24,7 @@ from simfluence_jax.evaluation import bench as bench_lib
 from simfluence_jax.evaluation import counterfactual_scores as cf_scores
 from simfluence_jax.evaluation import counterfactuals
 from simfluence_jax.evaluation import reports
+from simfluence_jax.experiments import metagradient_bank
 from simfluence_jax.simulators import rollout
 from simfluence_jax.simulators import simfluence as simulators
 from simfluence_jax.traces import atomic_io
@@ -65,7 +66,8 @@ def make_removal_test(workspace, *, methods: Sequence[str], num_targets: int, k:
                       seed: int = 0) -> list[pathlib.Path]:
   """The field's removal test: for `num_targets` test examples (drawn by `seed`), each
   method's own top-k proponents (largest simulated rise of the target's final loss when
-  removed, masked: `attribution.removal_effects`) removed from the first held-out run."""
+  removed, masked: `attribution.removal_effects`; for "metagradient" the exact first-order
+  rise, `metagradient_bank.removal_effects`) removed from the first held-out run."""
   base_id = _experiment(workspace)["split"]["heldout"][0]
   base = traces.read_run(workspace, base_id)
   rng = np.random.default_rng(np.random.SeedSequence([bench_lib.BENCH_VERSION, seed, 1]))
@@ -74,17 +76,22 @@ def make_removal_test(workspace, *, methods: Sequence[str], num_targets: int, k:
   out_dir = pathlib.Path(workspace) / DIR / "removal_test"
   files, manifest = [], []
   for name in methods:
-    params, _ = fit_params.load_fit(workspace, name)
-    sub = fit_params.select_tests(params, simulators.columns_of(params, base))
-    rho, gamma = sub.step_terms()
-    effects = np.asarray(attribution.removal_effects(
-        sub.A, sub.B, kind=params.kind,
-        batches=rollout.ids_to_positions(base.curriculum, params.train_ids),
-        initial_losses=np.asarray(base.losses[0], np.float32), rho=rho, gamma=gamma,
-        beyond=params.beyond))                                   # [m, n]
+    if name == metagradient_bank.METHOD:   # exact first-order effects (reverse mode)
+      train_ids, picked = metagradient_bank.removal_effects(workspace, base, cols)
+      effects = dict(zip(cols, picked))
+    else:
+      params, _ = fit_params.load_fit(workspace, name)
+      sub = fit_params.select_tests(params, simulators.columns_of(params, base))
+      rho, gamma = sub.step_terms()
+      effects = np.asarray(attribution.removal_effects(
+          sub.A, sub.B, kind=params.kind,
+          batches=rollout.ids_to_positions(base.curriculum, params.train_ids),
+          initial_losses=np.asarray(base.losses[0], np.float32), rho=rho, gamma=gamma,
+          beyond=params.beyond))                                 # [m, n]
+      train_ids = params.train_ids
     for col in cols:
       order = np.argsort(-effects[col])[:k]
-      removed = sorted(int(params.train_ids[i]) for i in order)
+      removed = sorted(int(train_ids[i]) for i in order)
       target = int(base.test_ids[col])
       edit_id = f"removal_{name}_t{target}"
       meta = {"counterfactual": {
@@ -117,6 +124,10 @@ def _predictors(workspace, fits, fit_runs) -> dict[str, tuple[str, cf_scores.Pre
                      predict)
     else:
       out[f.name] = (f.label, plain)
+  predictions = metagradient_bank.read_predictions(workspace)
+  if predictions is not None:   # written by the metagradient stage (metagradient_bank.py)
+    out[metagradient_bank.METHOD] = (metagradient_bank.LABEL,
+                                     metagradient_bank.predictor(predictions))
   mean = baselines.mean_trajectory(fit_runs)
   out["mean_trajectory"] = (baselines.LABELS["mean_trajectory"],
                             lambda run: baselines.predict_mean_trajectory(mean, run))

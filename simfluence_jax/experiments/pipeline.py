@@ -47,7 +47,12 @@ class PipelineConfig:
       half-subset runs, repeat count, and the bank's recording interval.
     removal_test_methods / _targets / _k: the method-chosen removal test — each method's own
       top-k proponents of this many targets removed and retrained (methods not fitted are
-      skipped).
+      skipped; "metagradient" needs `metagradient`).
+    metagradient: exact metagradients through training (prior_methods/metagradients.py) as a
+      method on the bank: the first-order prediction of every edit, scored as
+      "metagradient" (experiments/metagradient_bank.py).
+    oracle_fits / oracle_steps: the oracle check — exact one-step effects of every train
+      example at these steps of the first fit run against these fits' A_i, B_i.
   """
   name: str = "experiment"
   num_fit: int = 20
@@ -66,6 +71,14 @@ class PipelineConfig:
   removal_test_methods: tuple[str, ...] = ("linear", "tracin_cp")
   removal_test_targets: int = 3
   removal_test_k: int = 10
+  metagradient: bool = False
+  oracle_fits: tuple[str, ...] = ("linear_paper", "linear")
+  oracle_steps: tuple[int, ...] = (1, 16, 32, 64)
+
+  def removal_methods(self) -> list[str]:
+    """The removal test's methods that this experiment has (fitted, or the metagradient)."""
+    return [m for m in self.removal_test_methods if m in self.simulators
+            or (m == "metagradient" and self.metagradient)]
 
   def bench_spec(self) -> bench_lib.BenchSpec:
     return bench_lib.BenchSpec(

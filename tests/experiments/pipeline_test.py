@@ -93,9 +93,11 @@ def test_xm_launch_dry_run_plans_the_same_stages(tmp_path):
   assert names[5] == [f"evaluate_{s[4:]}" for s in names[4]]
   assert names[6] == ["study"]
   # the counterfactual bank, as launch/local.py runs it: write the curricula, retrain them
-  # (only them, every 8th step recorded), the removal test likewise, then score
-  assert names[7:-1] == [["bench_write"], ["bench_train"], ["removal_test_write"],
-                         ["removal_test_train"], ["counterfactuals"]]
+  # (only them, every 8th step recorded), the metagradient's predictions, the removal test
+  # likewise, then score
+  assert names[7:-1] == [["bench_write"], ["bench_train"], ["metagradient"],
+                         ["removal_test_write"], ["removal_test_train"], ["counterfactuals"]]
+  assert stages[9][0]["module"] == "metagradients"
   bench_train = stages[8][0]["args"]
   assert f'--gin_bindings=run_experiment.curriculum_dir = "{tmp_path}/counterfactuals/bench"' \
       in bench_train
