@@ -45,6 +45,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from simfluence_jax.cli import gin_setup as gin_utils
+from simfluence_jax.traces import contract as traces
 from simfluence_jax.training import models
 from simfluence_jax.training import tasks
 from simfluence_jax.training import trainer as trainer_lib
@@ -146,7 +147,8 @@ def main():
   config = gin.get_configurable("model_config")()
   input_length = gin.query_parameter("%INPUT_LENGTH")
   target_length = gin.query_parameter("%TARGET_LENGTH")
-  pools = tasks.get_pools(gin.query_parameter("%TASK_NAME"))
+  # The examples the runs trained on, from a run's metadata (as every consumer gets them).
+  pools = tasks.pools_from_metadata(traces.read_run(ws, traces.list_runs(ws)[0]).metadata)
   encode = lambda ex: {k: jnp.asarray(v) for k, v in tasks.encode_examples(
       ex, input_length=input_length, target_length=target_length).items()}
   pool, test = encode(pools.train), encode(pools.test[:args.test])

@@ -5,6 +5,12 @@ r"""Fine-tunes R runs together under jax.vmap and writes their traces into a wor
   python -m simfluence_jax.train --gin_file=gin_configs/experiments/quickstart.gin \
       [--gin_file=gin_configs/local_tiny.gin] --gin.WORKSPACE=\"/tmp/ws\"
 
+The examples come from any seqio task or mixture (T5X's macros): MIXTURE_OR_TASK_NAME, and
+MIXTURE_OR_TASK_MODULE, the python module imported first to register it (the built-in
+countryinfo tasks: "simfluence_jax.training.country_tasks"); the pool from
+run_experiment.train_split, the test examples from run_experiment.test_split
+(tasks.load_pools).
+
 Writes W/runs/<run_id>/ (traces.write_run), W/examples/{train,test}.jsonl, W/checkpoints/
 (per-run checkpoint_<step> for TracIn-CP, and the group's resume state), W/tensorboard/ and
 W/config.gin (the operative gin config). Re-running the same command resumes from the latest
@@ -108,33 +114,16 @@ def to_positions(runs: Sequence, id_to_pos: dict[int, int], num_steps: int) -> n
   return out
 
 
-def load_pretrained(pretrained_dir: pathlib.Path, config: models.T5Config, *, tuning: str,
-                    seed: int, input_length: int, target_length: int) -> dict:
-  """Pretrained {"params"} (+ fresh IA3 ones when tuning == "ia3"), checked against config."""
-  if checkpoints.latest_step(pretrained_dir) is None:
-    raise FileNotFoundError(
-        f"no pretrained checkpoint under {pretrained_dir}; run `python -m "
-        f"simfluence_jax.pretrain` with the same --gin_file/--gin flags first")
-  expected = jax.eval_shape(lambda: models.init_variables(
-      config, jax.random.PRNGKey(seed), use_ia3=tuning == "ia3", input_length=input_length,
-      target_length=target_length))
-  params = checkpoints.load_variables(pretrained_dir)["params"]
-  shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)
-  if shapes(params) != shapes(expected["params"]):
-    raise ValueError(f"pretrained checkpoint under {pretrained_dir} does not fit model_config "
-                     f"{config} (pretrained with another model size?)")
-  variables = {"params": params}
-  if tuning == "ia3":
-    variables["ia3"] = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), expected["ia3"])
-  return variables
-
-
 @gin.configurable
 def run_experiment(
     workspace: str = gin.REQUIRED,
-    task: str = gin.REQUIRED,
+    mixture_or_task_name: str = gin.REQUIRED,
     model_config: models.T5Config = gin.REQUIRED,
     *,
+    mixture_or_task_module: str | None = None,
+    train_split: str = "train",
+    test_split: str = "validation",
+    pool_size: int | None = None,
     tuning: str = "full",
     optimizer: str = "adafactor",
     learning_rate: float = 1e-3,
@@ -157,6 +146,11 @@ def run_experiment(
 ) -> dict:
   """Trains the sampled (+ explicit) curricula, writes traces; returns a summary dict.
 
+  mixture_or_task_name / mixture_or_task_module: the seqio task (or mixture) and the module
+    that registers it (imported first; None: registered already), as T5X names them.
+  train_split / test_split: the splits the train pool and the test examples come from.
+  pool_size: the pool is the train split's first pool_size examples (None: all of it).
+  num_test_examples: the test split's first that many examples (None: all of it).
   checkpoint_every: steps between resume checkpoints (group state + per-run params); 0 = none.
   num_tracin_checkpoints: per-run checkpoints at this many evenly spaced steps (incl. final).
   curriculum_dir: every curriculum file (*.json but bench.json / manifest.json) of this
@@ -174,10 +168,15 @@ def run_experiment(
   start_time = time.time()
   ws = pathlib.Path(workspace)
   primary = jax.process_index() == 0
+  # The examples first: a bad task, split or size stops the run before anything is written.
+  pools = tasks.load_pools(mixture_or_task_name, mixture_or_task_module,
+                           train_split=train_split, test_split=test_split,
+                           pool_size=pool_size, num_test_examples=num_test_examples,
+                           subset_size=subset_size)
+  tasks.check_vocabulary(pools, model_config.vocab_size)
   if primary:
     gin_utils.write_config(ws)
-  pools = tasks.get_pools(task)
-  test = list(pools.test[:num_test_examples])
+  test = list(pools.test)
   pool_ids = np.asarray([e.id for e in pools.train], np.int64)
   runs = curricula.sample_curricula(pool_ids, num_runs=num_runs, subset_size=subset_size,
                                     epochs=epochs, batch_size=batch_size, seed=seed)
@@ -217,7 +216,7 @@ def run_experiment(
       ex, input_length=input_length, target_length=target_length), mesh)
   pool, test_batch = encode(pools.train), encode(test)
 
-  variables = load_pretrained(pathlib.Path(pretrained_dir or ws / "pretrained"), model_config,
+  variables = checkpoints.load_pretrained(pathlib.Path(pretrained_dir or ws / "pretrained"), model_config,
                               tuning=tuning, seed=seed, input_length=input_length,
                               target_length=target_length)
   model = models.Transformer(model_config, use_ia3=tuning == "ia3")
@@ -233,7 +232,8 @@ def run_experiment(
   ids = [c.run_id for c in runs]
   group = ("all" if run_ids is None and not explicit_only
            else hashlib.sha1(",".join(ids).encode()).hexdigest()[:10])
-  meta = {"task": task, "tuning": tuning, "optimizer": optimizer,
+  # tasks.pools_metadata: what gets the same examples back (tasks.pools_from_metadata).
+  meta = {**tasks.pools_metadata(pools), "tuning": tuning, "optimizer": optimizer,
           "learning_rate": learning_rate, "seed": seed,
           "model_config": dataclasses.asdict(model_config),
           "input_length": input_length, "target_length": target_length,

@@ -227,10 +227,11 @@ def mean_factors(per_checkpoint: Sequence[Sequence[tuple]]) -> tuple:
                for k in range(len(per_checkpoint[0])))
 
 
-@functools.lru_cache(maxsize=4)
-def _pools(task: str):
+def _pools(metadata: dict) -> tuple[dict, dict]:
+  """({id: Example} of the train pool, of the test examples) of a run, from its run.json
+  metadata (tasks.pools_from_metadata; the pools themselves are cached there)."""
   from simfluence_jax.training import tasks  # pylint: disable=g-import-not-at-top
-  pools = tasks.get_pools(task)
+  pools = tasks.pools_from_metadata(metadata)
   return ({e.id: e for e in pools.train}, {e.id: e for e in pools.test})
 
 
@@ -263,7 +264,7 @@ class RunGradients:
     self.root = self.workspace / "checkpoints" / run.run_id
     self.saved = checkpoints.all_steps(self.root)
     self.train_ids, self.test_ids = train_ids, test_ids
-    train_pool, test_pool = _pools(task)
+    train_pool, test_pool = _pools(run.metadata)
     for ids, pool, split in ((train_ids, train_pool, "train"), (test_ids, test_pool, "test")):
       unknown = [int(i) for i in ids if int(i) not in pool]
       if unknown:
@@ -362,7 +363,7 @@ def fit(workspace, fit_runs: Sequence[RunTrace], *, simulator: str,
   # Gradients can score any train example, so the simulator covers the task's whole train
   # pool (held-out runs may draw subsets the fit runs never saw), plus any other run id.
   task = fit_runs[0].metadata.get("task")
-  pool_ids = list(_pools(task)[0]) if isinstance(task, str) else []
+  pool_ids = list(_pools(fit_runs[0].metadata)[0]) if isinstance(task, str) else []
   train_ids = np.unique(np.concatenate(
       [np.asarray(pool_ids, np.int64)] + [np.asarray(r.train_ids, np.int64) for r in fit_runs]))
   test_ids = simulators.ordered_test_ids(fit_runs)

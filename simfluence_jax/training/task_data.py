@@ -1,5 +1,9 @@
 """Offline example pools and pretraining text generated from the `countryinfo` package.
 
+`country_pools(name)` are the makers behind the built-in seqio tasks (`country_tasks`
+registers them; every consumer reads them through `tasks.load_pools`, like any seqio task).
+`Example` / `TaskPools` are the dataclasses every task's examples come in.
+
 Everything here is deterministic: countries are sorted by name, every random choice uses a
 seeded `np.random.default_rng`, and nothing iterates a dict or set in hash order. Ids are
 `base + position` with per-task, per-split bases (ID_BASES), so they are stable across
@@ -29,18 +33,28 @@ _SEEDS = {"country_yesno": 101, "country_freetext": 202, "country_manyshot": 303
 
 @dataclasses.dataclass(frozen=True)
 class Example:
+  """One example: a stable id, its texts (reports) and, from a seqio task, its token ids."""
   id: int
   inputs: str
   targets: str
   # JSON-able: task, relation, country, value, ... (tests, reports); not part of the hash.
   meta: dict = dataclasses.field(default_factory=dict, hash=False)
+  # Token ids as the task's output features encode them (EOS included where the feature adds
+  # one), int [len]; None: tasks.encode_examples tokenizes the text with the byte vocabulary.
+  input_tokens: tuple[int, ...] | None = dataclasses.field(default=None, repr=False)
+  target_tokens: tuple[int, ...] | None = dataclasses.field(default=None, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskPools:
+  """A task's train pool and test examples, and where they came from (tasks.load_pools)."""
   name: str
   train: tuple[Example, ...]
   test: tuple[Example, ...]
+  module: str | None = None         # imported before the seqio registry was read
+  train_split: str | None = None
+  test_split: str | None = None
+  vocab_size: int | None = None     # ids of the output features' vocabularies (None: bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,8 +246,11 @@ _MAKERS = {"country_yesno": _make_yesno, "country_freetext": _make_freetext,
 
 
 @functools.lru_cache(maxsize=None)
-def get_pools(task_name: str) -> TaskPools:
-  """The task's train pool and test examples (cached; treat as read-only)."""
+def country_pools(task_name: str) -> TaskPools:
+  """The countryinfo maker's train pool and test examples (cached; treat as read-only).
+
+  The data of the seqio tasks `country_tasks` registers; consumers use tasks.load_pools.
+  """
   if task_name not in _MAKERS:
     raise ValueError(f"unknown task {task_name!r}; known tasks: {list(TASK_NAMES)}")
   n_train, n_test = POOL_SIZES[task_name]

@@ -1,12 +1,11 @@
-"""Tests for tasks.py / task_data.py: pools, ids, labels vs countryinfo, encoding, span corruption.
-
-Only test_encode_examples_equals_seqio_feature_converter imports seqio (~10 s).
+"""Tests for tasks.py / task_data.py / country_tasks.py: the built-in tasks read through seqio
+equal the countryinfo makers (pinned), ids, labels vs countryinfo, run.json metadata, encoding,
+span corruption. tasks.get_pools reads through seqio (imported once, ~4 s).
 """
 
 import hashlib
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -16,9 +15,19 @@ import pytest
 from countryinfo import CountryInfo
 
 from simfluence_jax.cli import gin_setup
+from simfluence_jax.training import task_data
 from simfluence_jax.training import tasks
 
 GIN_DIR = gin_setup.GIN_CONFIGS_DIR
+TASK_NAMES = task_data.TASK_NAMES
+# sha256 of json.dumps([(id, inputs, targets) for train + test]) of each built-in task, as
+# the makers gave them before the tasks went through seqio: the README's experiments and
+# their traces depend on exactly these pools.
+PINNED = {
+    "country_yesno": "cc2105ee118f2e2517619073a2f59f4e4120f7e87dd30fd9872d9744f2153d7d",
+    "country_freetext": "e7f7a31f0904ab57ef3bdfb90ea483c615d020d58f2e948dc229d97dd52a42f9",
+    "country_manyshot": "335c6bd4573e66bf97eb5ce472025d61152dd8f57777d216a0db69aed5bb49b3",
+}
 
 
 def _digest(pools) -> str:
@@ -26,15 +35,49 @@ def _digest(pools) -> str:
   return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
 
 
-@pytest.mark.parametrize("name", tasks.TASK_NAMES)
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_seqio_path_gives_exactly_the_makers_pools(name):
+  pools = tasks.get_pools(name)   # load_pools(name, COUNTRY_MODULE, "train", "validation")
+  made = task_data.country_pools(name)
+  rows = lambda p: [(e.id, e.inputs, e.targets) for e in p.train + p.test]
+  assert rows(pools) == rows(made)
+  assert hashlib.sha256(json.dumps(rows(pools)).encode()).hexdigest() == PINNED[name]
+  assert [e.meta for e in pools.train + pools.test] == [e.meta for e in made.train + made.test]
+  assert (pools.module, pools.train_split, pools.test_split, pools.vocab_size) == (
+      tasks.COUNTRY_MODULE, "train", "validation", tasks.VOCAB_SIZE)
+  # The token ids seqio made are the byte tokenization + EOS the makers' texts give.
+  for e in pools.train[:20] + pools.test[:20]:
+    assert e.input_tokens == tuple(tasks.tokenize(e.inputs)) + (tasks.EOS_ID,)
+    assert e.target_tokens == tuple(tasks.tokenize(e.targets)) + (tasks.EOS_ID,)
+
+
+def test_run_metadata_gets_the_same_pools_back_and_old_runs_keep_working():
+  pools = tasks.load_pools("country_freetext", tasks.COUNTRY_MODULE, train_split="train",
+                           test_split="validation", pool_size=40, num_test_examples=7,
+                           subset_size=8)
+  meta = tasks.pools_metadata(pools)
+  assert meta == {"task": "country_freetext", "task_module": tasks.COUNTRY_MODULE,
+                  "train_split": "train", "test_split": "validation", "pool_size": 40,
+                  "num_test_examples": 7}
+  back = tasks.pools_from_metadata(json.loads(json.dumps(meta)))   # through run.json
+  assert back.train == pools.train == tasks.get_pools("country_freetext").train[:40]
+  assert back.test == pools.test and len(back.test) == 7
+  # run.json written before these keys: the built-in task, its module, the whole splits.
+  old = tasks.pools_from_metadata({"task": "country_yesno", "tuning": "ia3"})
+  assert old == tasks.get_pools("country_yesno")
+  with pytest.raises(ValueError, match="run.json metadata has no task name"):
+    tasks.pools_from_metadata({"tuning": "ia3"})
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
 def test_pool_sizes_ids_and_disjointness(name):
   pools = tasks.get_pools(name)
-  n_train, n_test = tasks.POOL_SIZES[name]
+  n_train, n_test = task_data.POOL_SIZES[name]
   assert (len(pools.train), len(pools.test)) == (n_train, n_test)
   if name == "country_manyshot":
     assert n_train >= 1536
   train_ids, test_ids = [e.id for e in pools.train], [e.id for e in pools.test]
-  base_train, base_test = tasks.ID_BASES[name]
+  base_train, base_test = task_data.ID_BASES[name]
   assert train_ids[0] == base_train and test_ids[0] == base_test   # ids, not positions
   assert len(set(train_ids) | set(test_ids)) == n_train + n_test
   assert all(isinstance(i, int) and i >= 0 for i in train_ids + test_ids)
@@ -48,20 +91,20 @@ def test_pool_sizes_ids_and_disjointness(name):
 
 
 def test_id_ranges_disjoint_across_tasks():
-  ids = [e.id for n in tasks.TASK_NAMES for p in [tasks.get_pools(n)] for e in p.train + p.test]
+  ids = [e.id for n in TASK_NAMES for p in [tasks.get_pools(n)] for e in p.train + p.test]
   assert len(ids) == len(set(ids))
 
 
 def test_pools_stable_across_processes_and_hash_seeds():
   code = ("import hashlib, json; from simfluence_jax.training import task_data as t\n"
           "for n in t.TASK_NAMES:\n"
-          "  p = t.get_pools(n)\n"
+          "  p = t.country_pools(n)\n"
           "  rows = [(e.id, e.inputs, e.targets, e.meta) for e in p.train + p.test]\n"
           "  print(hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest())\n")
   outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env={**os.environ, "PYTHONHASHSEED": s}).stdout.split()
           for s in ("1", "2")]
-  assert outs[0] == outs[1] == [_digest(tasks.get_pools(n)) for n in tasks.TASK_NAMES]
+  assert outs[0] == outs[1] == [_digest(tasks.get_pools(n)) for n in TASK_NAMES]
 
 
 def _holds(country: str, relation: str, value: str) -> bool:
@@ -145,22 +188,38 @@ def test_encode_decode_round_trip_and_layout():
   np.testing.assert_array_equal(one["decoder_loss_weights"], [[1, 1, 1, 1, 0]])
   with pytest.raises(ValueError, match=f"example id {exs[0].id}: inputs"):
     tasks.encode_examples(exs, input_length=8, target_length=16)
+  # An Example with its task's own token ids is encoded from them, not from its text.
+  own = tasks.Example(id=3, inputs="ignored", targets="", input_tokens=(9, 8, 1),
+                      target_tokens=(500, 7))
+  got = tasks.encode_examples([own], input_length=4, target_length=3)
+  np.testing.assert_array_equal(got["encoder_input_tokens"], [[9, 8, 1, 0]])
+  np.testing.assert_array_equal(got["decoder_target_tokens"], [[500, 7, 0]])
+  np.testing.assert_array_equal(got["decoder_input_tokens"], [[0, 500, 7]])
+  np.testing.assert_array_equal(got["decoder_loss_weights"], [[1, 1, 0]])
+  with pytest.raises(ValueError, match=r"example id 3: targets is 2 tokens \(as the task "
+                                       r"encodes it\) but target_length is 1"):
+    tasks.encode_examples([own], input_length=4, target_length=1)
 
 
 def test_encode_examples_equals_seqio_feature_converter():
   import seqio  # pylint: disable=g-import-not-at-top
-  assert tasks.register_seqio_tasks() == tasks.register_seqio_tasks()  # idempotent
+  from simfluence_jax.training import country_tasks  # pylint: disable=g-import-not-at-top
+  assert country_tasks.register() == country_tasks.register() == TASK_NAMES  # idempotent
   assert seqio.ByteVocabulary(extra_ids=100).vocab_size == tasks.VOCAB_SIZE
   lengths = {"inputs": 64, "targets": 16}
-  for name, split in (("country_yesno", "test"), ("country_manyshot", "train")):
+  for name, split in (("country_yesno", "validation"), ("country_manyshot", "train")):
     ds = seqio.get_mixture_or_task(name).get_dataset(lengths, split=split, shuffle=False,
                                                      use_cached=False)
     ds = seqio.EncDecFeatureConverter(pack=False)(ds, lengths).take(6)
     got = list(ds.as_numpy_iterator())
-    pool = getattr(tasks.get_pools(name), split)[:6]
+    pools = tasks.get_pools(name)
+    pool = (pools.train if split == "train" else pools.test)[:6]
     ours = tasks.encode_examples(pool, input_length=64, target_length=16)
+    as_text = tasks.encode_examples([{"id": e.id, "inputs": e.inputs, "targets": e.targets}
+                                     for e in pool], input_length=64, target_length=16)
     for key in ours:
       np.testing.assert_array_equal(np.stack([g[key] for g in got]), ours[key], err_msg=key)
+      np.testing.assert_array_equal(as_text[key], ours[key], err_msg=key)
 
 
 def test_span_corruption_reconstructs_and_noise_density():
@@ -204,14 +263,17 @@ def test_pretraining_batches_deterministic_fit_and_cover_all_countries():
   np.testing.assert_array_equal(b1["decoder_loss_weights"], (tgt > 0).astype(np.float32))
 
 
-@pytest.mark.parametrize("name", tasks.TASK_NAMES)
+@pytest.mark.parametrize("name", TASK_NAMES)
 def test_task_gin_files(name):
   gin.clear_config()
   gin.parse_config_file(str(GIN_DIR / "tasks" / f"{name}.gin"))
   q = lambda m: gin.query_parameter(f"%{m}")
-  assert q("TASK_NAME") == name
-  assert (q("TRAIN_POOL_SIZE"), q("TEST_POOL_SIZE")) == tasks.POOL_SIZES[name]
-  pools = tasks.get_pools(name)
+  assert q("MIXTURE_OR_TASK_NAME") == name
+  assert q("MIXTURE_OR_TASK_MODULE") == tasks.COUNTRY_MODULE
+  assert (q("TRAIN_POOL_SIZE"), q("TEST_POOL_SIZE")) == task_data.POOL_SIZES[name]
+  pools = tasks.load_pools(name, q("MIXTURE_OR_TASK_MODULE"), train_split=q("TRAIN_SPLIT"),
+                           test_split=q("TEST_SPLIT"), pool_size=q("TRAIN_POOL_SIZE"))
+  assert (len(pools.train), len(pools.test)) == task_data.POOL_SIZES[name]
   tasks.encode_examples(pools.train + pools.test, input_length=q("INPUT_LENGTH"),
                         target_length=q("TARGET_LENGTH"))
   gin.clear_config()
