@@ -18,6 +18,7 @@ if "XLA_FLAGS" not in os.environ:  # must precede the first jax import
   os.environ["XLA_FLAGS"] = "--xla_cpu_experimental_ynn_fusion_type="
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import dataclasses
 import json
 import pathlib
 import time
@@ -30,6 +31,7 @@ import numpy as np
 import optax
 import tqdm
 
+from simfluence_jax.traces import atomic_io
 from simfluence_jax.training import checkpoints
 from simfluence_jax.cli import gin_setup as gin_utils
 from simfluence_jax.training import models
@@ -65,12 +67,29 @@ def run_pretraining(
     target_length: int = 16,
     seed: int = 0,
     pretrained_dir: str | None = None,
+    prompted_fraction: float = 0.0,
 ) -> dict:
-  """Pretrains for num_steps and saves checkpoint_<num_steps>; returns a summary dict."""
+  """Pretrains for num_steps and saves checkpoint_<num_steps>; returns a summary dict.
+
+  prompted_fraction: the share of each batch from T0-like multitask prompts (the answer
+  formats over countryinfo facts, the fine-tuned tasks' examples held out:
+  tasks.pretraining_batches); 0 = span corruption only (the old start).
+  """
   start = time.time()
   out_dir = pathlib.Path(pretrained_dir or pathlib.Path(workspace) / "pretrained")
   path = checkpoints.checkpoint_path(out_dir, num_steps)
+  # What the cached checkpoint was pretrained on: a cache hit must be the same recipe.
+  recipe = {"num_steps": num_steps, "batch_size": batch_size, "learning_rate": learning_rate,
+            "optimizer": optimizer, "seed": seed, "prompted_fraction": prompted_fraction,
+            "model_config": dataclasses.asdict(model_config)}
+  recipe_path = out_dir / "pretraining.json"
   if path.is_dir():
+    stored = json.loads(recipe_path.read_text()) if recipe_path.exists() else None
+    if stored is not None and stored != json.loads(json.dumps(recipe)):
+      changed = sorted(k for k in recipe if stored.get(k) != json.loads(json.dumps(recipe))[k])
+      raise ValueError(f"{path} was pretrained with other settings ({changed}: "
+                       f"{ {k: stored.get(k) for k in changed} }); point PRETRAINED_DIR "
+                       "elsewhere or remove it")
     return {"pretrained": str(path), "cached": True}
   gin_utils.write_config(out_dir)
   params = models.init_variables(model_config, jax.random.PRNGKey(seed), use_ia3=False,
@@ -80,7 +99,8 @@ def run_pretraining(
   opt_state = jax.jit(opt.init)(params)
   step = make_pretrain_step(trainer_lib.t5_loss_fn(models.Transformer(model_config)), opt)
   batches = tasks.pretraining_batches(batch_size=batch_size, input_length=input_length,
-                                      target_length=target_length, seed=seed)
+                                      target_length=target_length, seed=seed,
+                                      prompted_fraction=prompted_fraction)
   losses = []
   for _, batch in zip(tqdm.trange(num_steps, desc="pretrain", unit="step"), batches):
     params, opt_state, loss = step(params, opt_state, {k: jnp.asarray(v) for k, v in
@@ -91,6 +111,7 @@ def run_pretraining(
     raise ValueError(f"tasks.pretraining_batches ran out after {len(losses)} of {num_steps} "
                      "steps")
   checkpoints.save(path, {"params": params})
+  atomic_io.save_json(recipe_path, recipe)
   return {"pretrained": str(path), "cached": False, "steps": num_steps,
           "first_loss": float(losses[0]), "last_loss": float(losses[-10:].mean()),
           "seconds": round(time.time() - start, 2)}

@@ -266,6 +266,52 @@ def country_pools(task_name: str) -> TaskPools:
 
 
 # ---------------------------------------------------------------------------------------------
+# T0-like prompted pretraining: the answer formats, never the fine-tuned examples' facts.
+# ---------------------------------------------------------------------------------------------
+# yes/no in two templates other than the yes/no task's "P: ... H: ...", and short free-text
+# questions; each (country, relation) pair gives a true and a false statement.
+_YESNO_TEMPLATES = ("Is it true that {s}?", "Question: {s} Yes or no?")
+
+
+@functools.lru_cache(maxsize=None)
+def prompted_examples(held_out: tuple[str, ...] = TASK_NAMES) -> tuple[dict, ...]:
+  """Multitask prompts {"inputs", "targets", "country", "relation"} over countryinfo relations (T0-like: the model
+  learns to answer prompts before fine-tuning), with every (country, relation) pair that a
+  train or test example of a `held_out` task asks about left out, and none in the yes/no
+  task's own template: fine-tuning starts knowing the answer format, not the answers.
+  Deterministic (sorted countries, fixed seed)."""
+  asked = set()
+  for name in held_out:
+    pools = country_pools(name)
+    for e in pools.train + pools.test:
+      rel = e.meta.get("value_relation", e.meta.get("relation"))
+      asked.add((e.meta.get("country"), rel))
+      asked.add((e.meta.get("country"), e.meta.get("relation")))
+  rng = np.random.default_rng(404)
+  out = []
+  for c in countries():
+    for relation in RELATIONS:
+      true = _true_values(c, relation)
+      if not true or (c.name, relation) in asked:
+        continue
+      false = _distractor(c, relation, rng)
+      for label, value in (("yes", true[0]), ("no", false)):
+        if value is None:
+          continue
+        template = _YESNO_TEMPLATES[rng.integers(len(_YESNO_TEMPLATES))]
+        sentence = yesno_sentence(c, relation, value)
+        inputs = template.format(s=sentence if "Question" in template else sentence[:-1])
+        if _nbytes(inputs) <= MAX_INPUT_BYTES:
+          out.append({"inputs": inputs, "targets": label, "country": c.name,
+                      "relation": relation})
+      question = _freetext_question(c, relation)
+      if _nbytes(true[0]) <= MAX_TARGET_BYTES and _nbytes(question) + 3 <= MAX_INPUT_BYTES:
+        out.append({"inputs": f"Q: {question}", "targets": true[0], "country": c.name,
+                    "relation": relation})
+  return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
 # Pretraining corpus: facts about ALL countryinfo entries, including every fact the tasks ask.
 # ---------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)

@@ -181,14 +181,48 @@ def span_corrupt(tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def pretraining_batches(*, batch_size: int, input_length: int, target_length: int,
-                        seed: int) -> Iterator[dict[str, np.ndarray]]:
-  """Infinite iterator of span-corrupted batches (the encode_examples keys) on pretraining_text.
+                        seed: int, prompted_fraction: float = 0.0
+                        ) -> Iterator[dict[str, np.ndarray]]:
+  """Infinite iterator of pretraining batches (the encode_examples keys).
 
-  Each pass shuffles the sentences (rng = default_rng(seed)), joins them with spaces into one
-  byte stream, and cuts it into chunks of raw_length_for(input_length, target_length)
-  tokens; every chunk is span-corrupted (noise density 0.15, mean span length 3) and ends in
-  EOS. Deterministic per seed.
+  Span corruption on pretraining_text: each pass shuffles the sentences (rng =
+  default_rng(seed)), joins them with spaces into one byte stream, and cuts it into chunks of
+  raw_length_for(input_length, target_length) tokens; every chunk is span-corrupted (noise
+  density 0.15, mean span length 3) and ends in EOS.
+  prompted_fraction: the share of each batch (rounded) taken instead from the T0-like
+  multitask prompts (task_data.prompted_examples: yes/no and free-text questions over the
+  countryinfo facts, the fine-tuned tasks' examples held out), cycled in shuffled passes.
+  0 is the span-corruption-only start. Deterministic per seed.
   """
+  if not 0.0 <= prompted_fraction <= 1.0:
+    raise ValueError(f"prompted_fraction must be in [0, 1], got {prompted_fraction}")
+  num_prompted = int(round(prompted_fraction * batch_size))
+  span = _span_batches(batch_size=batch_size - num_prompted, input_length=input_length,
+                       target_length=target_length, seed=seed) if num_prompted < batch_size \
+      else None
+  prompted = _prompted_batches(num_prompted, input_length=input_length,
+                               target_length=target_length, seed=seed) if num_prompted else None
+  while True:
+    parts = [next(it) for it in (span, prompted) if it is not None]
+    yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _prompted_batches(batch_size: int, *, input_length: int, target_length: int,
+                      seed: int) -> Iterator[dict[str, np.ndarray]]:
+  from simfluence_jax.training import task_data  # pylint: disable=g-import-not-at-top
+  examples = task_data.prompted_examples()
+  rng = np.random.default_rng([seed, 1])
+  while True:
+    order = rng.permutation(len(examples))
+    for b in range(len(order) // batch_size):
+      rows = [examples[i] for i in order[b * batch_size:(b + 1) * batch_size]]
+      yield encode_examples([Example(id=0, inputs=e["inputs"], targets=e["targets"])
+                             for e in rows], input_length=input_length,
+                            target_length=target_length)
+
+
+def _span_batches(*, batch_size: int, input_length: int, target_length: int,
+                  seed: int) -> Iterator[dict[str, np.ndarray]]:
   rng = np.random.default_rng(seed)
   sentences = pretraining_text()
   raw = raw_length_for(input_length, target_length)

@@ -77,6 +77,13 @@ def test_pretrain_writes_checkpoint_and_is_cached(pretrained):
   assert "run_pretraining.num_steps = 2" in (path / "config.gin").read_text()
   variables = checkpoints.load_variables(path)
   assert set(variables) == {"params"}
+  recipe = json.loads((path / "pretraining.json").read_text())
+  assert recipe["num_steps"] == 2 and recipe["prompted_fraction"] == 0.5   # the T0-like start
+  # A cached checkpoint of another recipe is refused, not silently reused.
+  proc = subprocess.run(_command("pretrain", path.parent / "ws", path,
+                                 "--gin.run_pretraining.prompted_fraction=0.0"),
+                        cwd=path.parent, env=ENV, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and "prompted_fraction" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_train_writes_readable_traces_examples_config_and_checkpoints(trained):

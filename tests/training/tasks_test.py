@@ -263,6 +263,44 @@ def test_pretraining_batches_deterministic_fit_and_cover_all_countries():
   np.testing.assert_array_equal(b1["decoder_loss_weights"], (tgt > 0).astype(np.float32))
 
 
+def test_prompted_examples_hold_out_every_fine_tuned_fact_and_template():
+  from simfluence_jax.training import task_data  # pylint: disable=g-import-not-at-top
+  prompts = task_data.prompted_examples()
+  asked = set()
+  for name in TASK_NAMES:
+    pools = tasks.get_pools(name)
+    for e in pools.train + pools.test:
+      asked |= {(e.meta.get("country"), e.meta.get(k)) for k in ("relation", "value_relation")}
+  assert not {(p["country"], p["relation"]) for p in prompts} & asked
+  assert not any(p["inputs"].startswith("P: ") for p in prompts)   # not the task's template
+  yes = sum(p["targets"] == "yes" for p in prompts)
+  no = sum(p["targets"] == "no" for p in prompts)
+  assert yes > 500 and no > 500 and abs(yes - no) < 0.1 * (yes + no)   # answer formats, balanced
+  assert len(prompts) - yes - no > 500                                 # and free-text questions
+  assert all(len(p["inputs"].encode()) <= 63 and len(p["targets"].encode()) <= 15
+             for p in prompts)
+  assert task_data.prompted_examples.__wrapped__() == prompts          # deterministic
+
+
+def test_pretraining_batches_mix_span_corruption_and_prompts():
+  from simfluence_jax.training import task_data  # pylint: disable=g-import-not-at-top
+  mixed = next(tasks.pretraining_batches(batch_size=8, input_length=64, target_length=16,
+                                         seed=3, prompted_fraction=0.25))
+  span = next(tasks.pretraining_batches(batch_size=6, input_length=64, target_length=16,
+                                        seed=3))
+  for k in span:   # the first 6 rows: the span-only stream of the same seed
+    np.testing.assert_array_equal(mixed[k][:6], span[k])
+  prompts = {(p["inputs"], p["targets"]) for p in task_data.prompted_examples()}
+  for row in range(6, 8):   # the last 2: prompts, encoded with EOS
+    enc = mixed["encoder_input_tokens"][row]
+    dec = mixed["decoder_target_tokens"][row]
+    pair = (tasks.detokenize(enc[enc > 1]), tasks.detokenize(dec[dec > 1]))
+    assert pair in prompts, pair
+  with pytest.raises(ValueError, match="prompted_fraction"):
+    next(tasks.pretraining_batches(batch_size=4, input_length=64, target_length=16, seed=0,
+                                   prompted_fraction=1.5))
+
+
 @pytest.mark.parametrize("name", TASK_NAMES)
 def test_task_gin_files(name):
   gin.clear_config()
