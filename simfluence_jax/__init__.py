@@ -1,7 +1,8 @@
 """simfluence_jax: training data attribution by simulation (Simfluence, Guu et al. 2023), in JAX.
 
 The package top holds the binaries (`python -m simfluence_jax.<name>`: train, pretrain, fit,
-evaluate, simulate, report, import_traces, split, merge_workspaces, study; `python -m
+evaluate, simulate, report, import_traces, split, merge_workspaces, study, counterfactuals,
+metagradients; `python -m
 simfluence_jax` lists them). The library lives in one subpackage per part, each importing
 only the parts above it in this list (docs/ARCHITECTURE.md):
 
@@ -33,6 +34,8 @@ _PUBLIC = {
     "list_runs": ("simfluence_jax.traces.contract", "list_runs"),
     "import_long_format": ("simfluence_jax.traces.importers", "import_long_format"),
     "TraceWriter": ("simfluence_jax.traces.writer", "TraceWriter"),
+    "train_runs": ("simfluence_jax.training.runs", "train_runs"),
+    "flax_loss": ("simfluence_jax.training.runs", "flax_loss"),
     "FitParams": ("simfluence_jax.traces.fit_params", "FitParams"),
     "save_fit": ("simfluence_jax.traces.fit_params", "save_fit"),
     "load_fit": ("simfluence_jax.traces.fit_params", "load_fit"),

@@ -12,6 +12,7 @@ BINARIES = {
     "simulate": "simulate a curriculum with a fit",
     "study": "the data-efficiency study (simulators vs number of past runs)",
     "counterfactuals": "score every method on retrained edited runs (scores.json)",
+    "metagradients": "exact metagradients' predictions of the bank's edits (and the oracle)",
     "merge_workspaces": "merge workspaces trained as separate jobs",
     "report": "write the experiment's HTML / markdown report",
 }
