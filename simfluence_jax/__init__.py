@@ -2,9 +2,8 @@
 
 The package top holds the binaries (`python -m simfluence_jax.<name>`: train, pretrain, fit,
 evaluate, simulate, report, import_traces, split, merge_workspaces, study, counterfactuals,
-metagradients; `python -m
-simfluence_jax` lists them). The library lives in one subpackage per part, each importing
-only the parts above it in this list (docs/ARCHITECTURE.md):
+metagradients; `python -m simfluence_jax` lists them). The library lives in one subpackage
+per part, each importing only the parts above it in this list (docs/ARCHITECTURE.md):
 
   traces         the workspace trace contract and its I/O
   training       T5X-style training runs that emit traces
