@@ -34,16 +34,10 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
+from benchmarks.baselines_bench import _rss_mb  # pylint: disable=g-bad-import-order,wrong-import-position
+
 T, K, M, EVERY = 64, 4, 100, 8
 OPS = ("replay", "trainer", "jvp", "jacobian")
-
-
-def _rss_mb() -> float:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmRSS:"):
-        return int(line.split()[1]) / 1024
-  return float("nan")
 
 
 def _child(op: str, tuning: str, edits: int) -> dict:

@@ -29,6 +29,15 @@ POSITIONS = np.array([[0, 1], [2, 3], [4, -1], [5, 6]], np.int32)
 EPS = 1e-6   # central differences: truncation ~ε², rounding ~1e-16/ε, both ≪ 1e-5
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled():
+  # The float64 executables of this module are large; free them for the rest of the suite.
+  yield
+  _t5_setup.cache_clear()
+  _bag_setup.cache_clear()
+  jax.clear_caches()
+
+
 def _t5_examples(n, seed):
   rng = np.random.default_rng(seed)
   tgt = rng.integers(2, 32, (n, 3))
