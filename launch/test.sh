@@ -16,8 +16,10 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
 fi
 # Eight host devices so the sharding tests exercise a real mesh on this CPU.
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
+# Two workers (one per core), each test file on one worker (its module fixtures built once):
+# 9 min 58 s against 14 min 58 s in one process on this 2-core machine.
 set +e
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest -n 2 --dist loadfile "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
