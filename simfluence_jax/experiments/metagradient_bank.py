@@ -122,12 +122,6 @@ def _directions(replay: Replay, base: traces.RunTrace, edits: Sequence[traces.Ru
   return primal, out, {r: d.form for r, d in dirs.items()}
 
 
-def _edited_runs(workspace, run_ids):
-  ids = run_ids if run_ids is not None else traces.list_runs(workspace)
-  runs = [traces.read_run(workspace, r) for r in ids]
-  return [r for r in runs if (r.metadata.get("counterfactual") or {}).get("base_run")]
-
-
 def _prediction(base: traces.RunTrace, edit: traces.RunTrace, d_loss: np.ndarray,
                 every: int) -> np.ndarray:
   """[T_e + 1, m]: base_t + dL_t at the recorded steps t = j·e ≤ min(T_b, T_e); the final
@@ -153,7 +147,9 @@ def predict_bank(workspace, *, pretrained_dir=None, run_ids: Sequence[str] | Non
   """
   workspace = pathlib.Path(workspace)
   pretrained_dir = pathlib.Path(pretrained_dir or workspace / "pretrained")
-  edited = _edited_runs(workspace, run_ids)
+  # counterfactual_bank imports this module (its scoring reads the predictions).
+  from simfluence_jax.experiments import counterfactual_bank  # pylint: disable=g-import-not-at-top
+  edited = counterfactual_bank.edited_runs(workspace, run_ids)
   if not edited:
     raise ValueError(f"{workspace}: no edited runs (metadata.counterfactual) to predict")
   by_base: dict[str, list] = {}
@@ -247,20 +243,18 @@ def oracle(workspace, *, run_id: str, fits: Sequence[str], steps: Sequence[int],
   loaded = {name: fit_params.load_fit(workspace, name)[0] for name in fits}
   train_ids = np.asarray(loaded[fits[0]].train_ids) if fits else np.asarray(run.train_ids)
   extra = np.asarray([replay.id_to_pos[int(i)] for i in train_ids], np.int32)
-  full = mg.Direction(*(np.asarray(a) for a in (
-      np.vectorize(lambda i: replay.id_to_pos.get(int(i), -1), otypes=[np.int32])(
-          run.curriculum), (run.curriculum >= 0).astype(np.float32),
-      np.zeros(run.curriculum.shape), np.any(run.curriculum >= 0, axis=1))), form="masked")
+  full = mg.edit_direction(run.curriculum, run.curriculum, replay.id_to_pos)   # Δw = 0
   for t in steps:
     if not 1 <= t <= run.num_steps:
       raise ValueError(f"oracle: step {t} is not a step of run {run_id!r} (1..{run.num_steps})")
     start = time.perf_counter()
     state = replay.grads.state_at(replay.trainable, replay.frozen, replay.pool,
-                                  full.positions[:t - 1], full.weights[:t - 1],
-                                  full.live[:t - 1])
+                                  full.positions[:t - 1],
+                                  full.weights[:t - 1].astype(np.float32), full.live[:t - 1])
     exact = np.asarray(replay.grads.step_derivatives(
         state[0], state[1], replay.frozen, replay.pool, replay.test_batch,
-        full.positions[t - 1], full.weights[t - 1], extra), np.float64).T   # [m, n]
+        full.positions[t - 1], full.weights[t - 1].astype(np.float32), extra),
+        np.float64).T                                                        # [m, n]
     seconds = time.perf_counter() - start
     level = np.asarray(run.losses[t - 1], np.float64)[:, None]              # L_{t-1} [m, 1]
     row = {"seconds": round(seconds, 2), "exact_abs_mean": float(np.abs(exact).mean()),
