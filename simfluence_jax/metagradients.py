@@ -25,6 +25,7 @@ from absl import flags
 import gin
 
 from simfluence_jax.cli import gin_setup as gin_utils
+from simfluence_jax.experiments import counterfactual_bank
 from simfluence_jax.experiments import metagradient_bank
 from simfluence_jax.experiments import pipeline
 from simfluence_jax.traces import contract as traces
@@ -54,9 +55,9 @@ def main(argv):
   config = gin_utils.pipeline_config()
   workspace = pathlib.Path(_WORKSPACE.value)
   pretrained = _pretrained_dir(workspace)
-  cost = metagradient_bank.predict_bank(workspace, pretrained_dir=pretrained,
-                                        run_ids=_RUNS.value,
-                                        record_every=config.bench_record_every)
+  cost = metagradient_bank.predict_bank(
+      workspace, counterfactual_bank.edited_runs(workspace, _RUNS.value),
+      pretrained_dir=pretrained, record_every=config.bench_record_every)
   summary = {"edits": cost["edits"], "seconds": cost["seconds"]}
   if _ORACLE.value:
     fits = [f for f in config.oracle_fits if (workspace / "fits" / f / "params.npz").exists()]

@@ -1,6 +1,6 @@
 """Exact metagradients (prior_methods/metagradients.py) on a workspace's counterfactual bank.
 
-  predict_bank(workspace, ...)  every edited run's first-order prediction from its base run:
+  predict_bank(workspace, edited)  every edited run's first-order prediction from its base run:
                                 L̂^e_t = L^b_t + Σ_ts ∂L^b_t/∂w_ts Δw_ts at the bench's recorded
                                 steps (the base's observed trajectory plus the exact
                                 directional derivative along the edit's weight change), written
@@ -137,9 +137,10 @@ def _prediction(base: traces.RunTrace, edit: traces.RunTrace, d_loss: np.ndarray
   return pred
 
 
-def predict_bank(workspace, *, pretrained_dir=None, run_ids: Sequence[str] | None = None,
+def predict_bank(workspace, edited: Sequence[traces.RunTrace], *, pretrained_dir=None,
                  record_every: int = 8, chunk: int = 16) -> dict:
-  """First-order metagradient predictions of every edited run (or `run_ids`); writes them.
+  """First-order metagradient predictions of the edited runs (counterfactual_bank.edited_runs,
+  which imports this module); writes them.
 
   record_every: the derivative is computed at every e-th step and the base's end (the
   bench's runs record every `bench_record_every` steps); chunk: edits per vmapped pass.
@@ -147,9 +148,6 @@ def predict_bank(workspace, *, pretrained_dir=None, run_ids: Sequence[str] | Non
   """
   workspace = pathlib.Path(workspace)
   pretrained_dir = pathlib.Path(pretrained_dir or workspace / "pretrained")
-  # counterfactual_bank imports this module (its scoring reads the predictions).
-  from simfluence_jax.experiments import counterfactual_bank  # pylint: disable=g-import-not-at-top
-  edited = counterfactual_bank.edited_runs(workspace, run_ids)
   if not edited:
     raise ValueError(f"{workspace}: no edited runs (metadata.counterfactual) to predict")
   by_base: dict[str, list] = {}
